@@ -1,0 +1,123 @@
+"""The compressed KV layout, documented to the byte (drawing: docs/LAYOUT.md).
+
+Per compressed layer, for keys (and likewise values with v_bits):
+
+    k_packed  uint8   [B, H_kv, capacity, head_dim * k_bits / 8]   codebook indices, packed (core/packing.py)
+    k_norms   float32 [B, H_kv, capacity]                          ||k - k_mean|| of each token
+    k_mean    float32 [B, H_kv, head_dim]                          centring offset, fixed at the first update
+
+A token's key is reconstructed as k_hat = k_mean + k_norm * (centroids[idx] @ Pi), where Pi is the
+float32 [head_dim, head_dim] rotation (x_rot = x @ Pi.T). Attention reads the packed indices
+directly: <q, k_hat> = <q, k_mean> + k_norm * <q @ Pi.T, centroids[idx]>.
+
+The paged layout used by serving engines is the same per token, with [num_blocks, H_kv, block_size, ...]
+in place of [B, H_kv, capacity, ...] and a block table [B, max_blocks] int32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .core.codebook import check_bits, lloyd_max_codebook
+from .core.packing import check_packable_dim, packed_bytes
+from .core.rotation import make_rotation
+
+NORM_DTYPE = torch.float32
+NORM_BYTES = 4
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Static description of one compressed layer's storage."""
+
+    head_dim: int
+    k_bits: int
+    v_bits: int
+
+    def __post_init__(self):
+        check_packable_dim(self.head_dim)
+        check_bits(self.k_bits, "k_bits")
+        check_bits(self.v_bits, "v_bits")
+
+    @property
+    def k_bytes(self) -> int:
+        """Packed key bytes per token per KV head."""
+        return packed_bytes(self.head_dim, self.k_bits)
+
+    @property
+    def v_bytes(self) -> int:
+        return packed_bytes(self.head_dim, self.v_bits)
+
+    @property
+    def bytes_per_token_per_head(self) -> int:
+        """K + V bytes per token per KV head, norms included (means are per head, not per token)."""
+        return self.k_bytes + self.v_bytes + 2 * NORM_BYTES
+
+    def fp16_bytes_per_token_per_head(self) -> int:
+        return 2 * 2 * self.head_dim
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.fp16_bytes_per_token_per_head() / self.bytes_per_token_per_head
+
+
+@dataclass
+class CompressedKV:
+    """A read-only view of a compressed layer handed to attention kernels (contiguous layout).
+
+    Tokens [0, length) of every batch row are valid. Tensors are on one device.
+    """
+
+    k_packed: torch.Tensor  # uint8 [B, H_kv, capacity, k_bytes]
+    k_norms: torch.Tensor  # float32 [B, H_kv, capacity]
+    v_packed: torch.Tensor  # uint8 [B, H_kv, capacity, v_bytes]
+    v_norms: torch.Tensor  # float32 [B, H_kv, capacity]
+    k_mean: torch.Tensor  # float32 [B, H_kv, head_dim]
+    v_mean: torch.Tensor  # float32 [B, H_kv, head_dim]
+    length: int
+    codecs: Codecs
+
+
+@dataclass(frozen=True)
+class Codecs:
+    """Rotation and codebooks shared by every compressed layer of a cache (on one device)."""
+
+    layout: KVLayout
+    rotation: torch.Tensor  # float32 [head_dim, head_dim]
+    k_centroids: torch.Tensor  # float32 [2**k_bits]
+    k_boundaries: torch.Tensor  # float32 [2**k_bits - 1]
+    v_centroids: torch.Tensor  # float32 [2**v_bits]
+    v_boundaries: torch.Tensor  # float32 [2**v_bits - 1]
+
+    @classmethod
+    def build(
+        cls,
+        layout: KVLayout,
+        seed: int = 0,
+        rotation: str = "qr",
+        device: torch.device | str = "cpu",
+    ) -> Codecs:
+        kc = lloyd_max_codebook(layout.head_dim, layout.k_bits)
+        vc = lloyd_max_codebook(layout.head_dim, layout.v_bits)
+        return cls(
+            layout=layout,
+            rotation=make_rotation(layout.head_dim, seed, rotation).to(device),
+            k_centroids=kc.centroids.to(device),
+            k_boundaries=kc.boundaries.to(device),
+            v_centroids=vc.centroids.to(device),
+            v_boundaries=vc.boundaries.to(device),
+        )
+
+    def to(self, device: torch.device | str) -> Codecs:
+        if self.rotation.device == torch.device(device):
+            return self
+        return Codecs(
+            layout=self.layout,
+            rotation=self.rotation.to(device),
+            k_centroids=self.k_centroids.to(device),
+            k_boundaries=self.k_boundaries.to(device),
+            v_centroids=self.v_centroids.to(device),
+            v_boundaries=self.v_boundaries.to(device),
+        )
