@@ -83,10 +83,12 @@ def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
     edges = torch.searchsorted(cw, torch.linspace(0, 1, levels + 1, dtype=torch.float64)[1:-1])
     cuts = torch.cat([torch.zeros(1, dtype=torch.long), edges, torch.tensor([x.numel()])])
     centroids = _cell_means(cw, cwx, cuts)
+    centroids = 0.5 * (centroids - centroids.flip(0))
     for _ in range(_MAX_ITERS):
         bounds = 0.5 * (centroids[1:] + centroids[:-1])
         cuts = torch.cat([torch.zeros(1, dtype=torch.long), torch.searchsorted(x, bounds), torch.tensor([x.numel()])])
         new = _cell_means(cw, cwx, cuts, fallback=centroids)
+        new = 0.5 * (new - new.flip(0))  # the law is symmetric, so is its optimum
         shift = (new - centroids).abs().max().item()
         centroids = new
         if shift < _TOL:

@@ -1,0 +1,339 @@
+"""A transformers cache layer that stores K/V as TurboQuant codes.
+
+Storage (docs/LAYOUT.md): packed indices + float32 norms per token, one centring mean per (batch, head),
+and an optional full-precision buffer of the most recent `window` tokens. No decompressed copy of
+the past is ever kept.
+
+What `update()` returns, and what attention sees in one step:
+- the compressed past: tokens [0, attend_compressed) of the store (`attention_view()`), and
+- the exact segment: the recent-window tokens plus this step's new tokens, in the model's dtype.
+In fused mode `update()` returns only the exact segment (the fused attention reads the compressed past
+through `attention_view()`); otherwise it returns the dequantized past concatenated with the exact
+segment, ready for any attention backend. Both compute the same attention function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..core.codebook import check_bits
+from ..core.kvcodec import dequantize_reference
+from ..core.packing import check_packable_dim
+from ..core.rotation import ROTATIONS
+from ..layout import Codecs, CompressedKV, KVLayout
+
+_GROW_TOKENS = 64
+
+
+def tq_compress(*args) -> None:
+    """Fused compress kernel (kernels/tq_compress.py), PyTorch reference where it is not available yet."""
+    try:
+        from ..kernels.tq_compress import tq_compress as kernel
+    except ImportError:
+        kernel = _compress_reference_into
+    kernel(*args)
+
+
+def _compress_reference_into(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset):
+    from ..core.kvcodec import compress_reference
+
+    packed, norms = compress_reference(x, mean, rotation, boundaries, bits)
+    out_packed[:, :, offset : offset + x.shape[-2]] = packed
+    out_norms[:, :, offset : offset + x.shape[-2]] = norms
+VALIDATE_MODES = ("always", "prefill", "never")
+
+
+@dataclass(frozen=True)
+class TurboQuantSettings:
+    """How a compressed layer quantizes.
+
+    k_bits, v_bits: bits per coordinate (1..8; the fused kernels support 2, 3 and 4).
+    seed: seed of the rotation. rotation: "qr" or "hadamard".
+    window: number of most recent tokens kept in full precision (0 = compress every past token).
+    center_keys / center_values: subtract a per-(batch, head) mean (taken from the first update)
+        before quantizing. Free in bits; for keys it is softmax-neutral and rescues models whose keys
+        share a large offset (k_proj bias, e.g. Qwen2).
+    validate: check new K/V for NaN/Inf: "always", "prefill" (only updates of more than one token;
+        avoids a host sync per decode step on GPU) or "never". Default: "always" on CPU, "prefill" on GPU.
+    """
+
+    k_bits: int = 4
+    v_bits: int = 4
+    seed: int = 0
+    rotation: str = "qr"
+    window: int = 0
+    center_keys: bool = True
+    center_values: bool = False
+    validate: str | None = None
+
+    def __post_init__(self):
+        check_bits(self.k_bits, "k_bits")
+        check_bits(self.v_bits, "v_bits")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
+        if self.validate is not None and self.validate not in VALIDATE_MODES:
+            raise ValueError(f"validate must be one of {VALIDATE_MODES} or None, got {self.validate!r}")
+
+
+class CompressedLayer(DynamicLayer):
+    """One attention layer's K/V, stored compressed. Shapes: [B, H_kv, tokens, head_dim]."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, head_dim: int, settings: TurboQuantSettings, codecs: Codecs | None = None, **kwargs):
+        super().__init__()
+        self.head_dim = check_packable_dim(head_dim)
+        self.settings = settings
+        self.layout = KVLayout(head_dim, settings.k_bits, settings.v_bits)
+        self._codecs = codecs if codecs is not None else Codecs.build(self.layout, settings.seed, settings.rotation)
+        if self._codecs.layout != self.layout:
+            raise ValueError(f"codecs were built for {self._codecs.layout}, layer needs {self.layout}")
+        self.fused = False
+        self._clear()
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.k_packed = self.k_norms = self.v_packed = self.v_norms = None
+        self.k_mean = self.v_mean = None
+        self.exact_keys = self.exact_values = None  # the full-precision window, [B, H, <= window, D]
+        self.num_compressed = 0
+        self.attend_compressed = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    @property
+    def codecs(self) -> Codecs:
+        return self._codecs
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.batch_size, self.num_heads = key_states.shape[0], key_states.shape[1]
+        self._codecs = self._codecs.to(self.device)
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        self.k_packed = torch.empty(b, h, 0, self.layout.k_bytes, dtype=torch.uint8, device=self.device)
+        self.v_packed = torch.empty(b, h, 0, self.layout.v_bytes, dtype=torch.uint8, device=self.device)
+        self.k_norms = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.v_norms = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.exact_keys = torch.empty(b, h, 0, d, dtype=self.dtype, device=self.device)
+        self.exact_values = torch.empty(b, h, 0, d, dtype=self.dtype, device=self.device)
+        # Placeholders so that code reading `layer.keys.dtype/device` keeps working; they hold no data.
+        self.keys = self.exact_keys
+        self.values = self.exact_values
+        self.is_initialized = True
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be [batch, kv_heads, seq, head_dim], got shape {tuple(t.shape)}")
+            if t.shape[-1] != self.head_dim:
+                raise ValueError(
+                    f"{name} has head_dim {t.shape[-1]}, but this compressed cache was built for "
+                    f"head_dim={self.head_dim}"
+                )
+        if key_states.shape != value_states.shape:
+            raise ValueError(
+                f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} differ"
+            )
+        if key_states.device != value_states.device:
+            raise ValueError(f"key_states on {key_states.device}, value_states on {value_states.device}")
+        if self.is_initialized:
+            expected = (self.batch_size, self.num_heads)
+            if tuple(key_states.shape[:2]) != expected:
+                raise ValueError(
+                    f"key_states has [batch, kv_heads] = {list(key_states.shape[:2])}, cache holds {list(expected)}"
+                )
+            if key_states.device != self.device:
+                raise ValueError(f"key_states on {key_states.device}, cache on {self.device}")
+        mode = self.settings.validate or ("prefill" if key_states.is_cuda else "always")
+        if mode == "always" or (mode == "prefill" and key_states.shape[-2] > 1):
+            for name, t in (("key_states", key_states), ("value_states", value_states)):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name} contains NaN or Inf values")
+
+    # ------------------------------------------------------------------ storage
+    def _capacity(self) -> int:
+        return 0 if self.k_packed is None else self.k_packed.shape[2]
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` compressed tokens (preallocate, e.g. before CUDA-graph capture)."""
+        if tokens <= self._capacity():
+            return
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            new = torch.zeros(*t.shape[:2], tokens, *t.shape[3:], dtype=t.dtype, device=t.device)
+            new[:, :, : self.num_compressed] = t[:, :, : self.num_compressed]
+            return new
+
+        self.k_packed, self.v_packed = grow(self.k_packed), grow(self.v_packed)
+        self.k_norms, self.v_norms = grow(self.k_norms), grow(self.v_norms)
+
+    def _set_means(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        zeros = torch.zeros(b, h, d, dtype=torch.float32, device=self.device)
+        self.k_mean = key_states.float().mean(dim=-2) if self.settings.center_keys else zeros
+        self.v_mean = value_states.float().mean(dim=-2) if self.settings.center_values else zeros.clone()
+
+    def _compress(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[-2]
+        if n == 0:
+            return
+        need = self.num_compressed + n
+        if need > self._capacity():
+            self.reserve(-(-(need + max(_GROW_TOKENS, self._capacity() // 8)) // _GROW_TOKENS) * _GROW_TOKENS)
+        c = self._codecs
+        tq_compress(keys, self.k_mean, c.rotation, c.k_boundaries, self.layout.k_bits,
+                    self.k_packed, self.k_norms, self.num_compressed)  # fmt: skip
+        tq_compress(values, self.v_mean, c.rotation, c.v_boundaries, self.layout.v_bits,
+                    self.v_packed, self.v_norms, self.num_compressed)  # fmt: skip
+        self.num_compressed = need
+
+    # ------------------------------------------------------------------ cache-layer interface
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new tokens; return what attention needs (see module docstring)."""
+        self._check_states(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.k_mean is None:
+            self._set_means(key_states, value_states)
+        key_states = key_states.to(self.dtype)
+        value_states = value_states.to(self.dtype)
+
+        exact_k = torch.cat([self.exact_keys, key_states], dim=-2)
+        exact_v = torch.cat([self.exact_values, value_states], dim=-2)
+        self.attend_compressed = self.num_compressed
+        overflow = exact_k.shape[-2] - self.settings.window
+        if overflow > 0:
+            self._compress(exact_k[:, :, :overflow], exact_v[:, :, :overflow])
+            self.exact_keys = exact_k[:, :, overflow:].clone()
+            self.exact_values = exact_v[:, :, overflow:].clone()
+        else:
+            self.exact_keys, self.exact_values = exact_k, exact_v
+        self.keys, self.values = self.exact_keys, self.exact_values
+
+        if self.fused or self.attend_compressed == 0:
+            return exact_k, exact_v
+        past_k, past_v = self.dequantize(self.attend_compressed)
+        return torch.cat([past_k, exact_k], dim=-2), torch.cat([past_v, exact_v], dim=-2)
+
+    def attention_view(self) -> CompressedKV:
+        """The compressed past visible to the current step's attention (tokens [0, attend_compressed))."""
+        if not self.is_initialized:
+            raise RuntimeError("attention_view() before the first update()")
+        return CompressedKV(
+            k_packed=self.k_packed,
+            k_norms=self.k_norms,
+            v_packed=self.v_packed,
+            v_norms=self.v_norms,
+            k_mean=self.k_mean,
+            v_mean=self.v_mean,
+            length=self.attend_compressed,
+            codecs=self._codecs,
+        )
+
+    def dequantize(self, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct compressed tokens [0, length) as [B, H, length, D] in the model dtype (transient)."""
+        n = self.num_compressed if length is None else length
+        c = self._codecs
+        k = dequantize_reference(self.k_packed[:, :, :n], self.k_norms[:, :, :n], self.k_mean,
+                                 c.rotation, c.k_centroids, self.layout.k_bits)  # fmt: skip
+        v = dequantize_reference(self.v_packed[:, :, :n], self.v_norms[:, :, :n], self.v_mean,
+                                 c.rotation, c.v_centroids, self.layout.v_bits)  # fmt: skip
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.num_compressed + self.exact_keys.shape[-2]
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
+            query_length = query_length.shape[0]
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: remove that many newest tokens. Positive (legacy): keep that many tokens."""
+        total = self.get_seq_length()
+        keep = total + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, total)
+        keep = max(keep, 0)
+        if keep >= total or not self.is_initialized:
+            return
+        if keep >= self.num_compressed:
+            n = keep - self.num_compressed
+            self.exact_keys = self.exact_keys[:, :, :n]
+            self.exact_values = self.exact_values[:, :, :n]
+        else:
+            self.num_compressed = keep
+            self.exact_keys = self.exact_keys[:, :, :0]
+            self.exact_values = self.exact_values[:, :, :0]
+        self.keys, self.values = self.exact_keys, self.exact_values
+        self.attend_compressed = min(self.attend_compressed, self.num_compressed)
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("k_packed", "k_norms", "v_packed", "v_norms", "k_mean", "v_mean", "exact_keys", "exact_values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        self.keys, self.values = self.exact_keys, self.exact_values
+        self.batch_size = self.k_packed.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def offload(self):
+        raise NotImplementedError("offloading is not supported for compressed layers")
+
+    def prefetch(self):
+        return None
+
+    # ------------------------------------------------------------------ accounting
+    def vram_bytes(self) -> int:
+        """Bytes of every tensor this layer holds (allocated capacity included)."""
+        if not self.is_initialized:
+            return 0
+        held = (self.k_packed, self.k_norms, self.v_packed, self.v_norms, self.k_mean, self.v_mean,
+                self.exact_keys, self.exact_values)  # fmt: skip
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def used_bytes(self) -> int:
+        """Bytes of the tokens actually stored (capacity slack excluded)."""
+        if not self.is_initialized:
+            return 0
+        per_tok = self.layout.bytes_per_token_per_head * self.batch_size * self.num_heads
+        exact = 2 * self.exact_keys.numel() * self.exact_keys.element_size()
+        means = 2 * self.k_mean.numel() * 4
+        return self.num_compressed * per_tok + exact + means
+
+    def uncompressed_bytes(self) -> int:
+        """Bytes the same tokens would take in the model dtype."""
+        if not self.is_initialized:
+            return 0
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.batch_size * self.num_heads * self.get_seq_length() * self.head_dim * elem

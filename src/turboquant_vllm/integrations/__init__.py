@@ -1,0 +1,1 @@
+"""Integrations with host libraries (transformers, vLLM)."""

@@ -1,0 +1,1 @@
+"""Triton entry points under their documented import path."""
