@@ -16,4 +16,3 @@ import pytest  # noqa: E402
 @pytest.fixture
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-

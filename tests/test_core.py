@@ -8,7 +8,7 @@ import torch
 from turboquant_vllm import TurboQuantMSE, TurboQuantProd, lloyd_max_codebook, pack, unpack
 from turboquant_vllm.core.codebook import paper_upper_bound, shannon_lower_bound
 from turboquant_vllm.core.packing import packed_bytes, planes
-from turboquant_vllm.core.rotation import fast_walsh_hadamard, hadamard_rotation, haar_rotation
+from turboquant_vllm.core.rotation import fast_walsh_hadamard, haar_rotation, hadamard_rotation
 
 # Gaussian Lloyd-Max distortions E||u - u_hat||^2 at 1..4 bits (the paper: 0.36, 0.117, 0.03, 0.009).
 GAUSSIAN_DISTORTION = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}

@@ -5,6 +5,7 @@ from .core.codebook import lloyd_max_codebook
 from .core.packing import pack, unpack
 from .core.quantizer import TurboQuantMSE, TurboQuantProd
 from .integrations.transformers import (
+    cache_kwargs,
     disable_turboquant,
     enable_turboquant,
     fused_attention,
@@ -23,6 +24,7 @@ __all__ = [
     "TurboQuantMSE",
     "TurboQuantProd",
     "TurboQuantSettings",
+    "cache_kwargs",
     "disable_turboquant",
     "enable_turboquant",
     "fused_attention",

@@ -90,7 +90,12 @@ class _CompressedCacheMixin:
         if not layer.is_initialized:
             raise ValueError(f"layer {layer_idx} holds no tokens yet")
         n = layer.num_compressed
-        return layer.k_packed[:, :, :n], layer.k_norms[:, :, :n], layer.v_packed[:, :, :n], layer.v_norms[:, :, :n]
+        return (
+            layer.k_packed[:, :, :n],
+            layer.k_norms[:, :, :n],
+            layer.v_packed[:, :, :n],
+            layer.v_norms[:, :, :n],
+        )
 
     @property
     def fused_mode(self) -> bool:
@@ -122,7 +127,9 @@ class _CompressedCacheMixin:
         used = sum(l.used_bytes() for l in comp.values())
         unc = sum(l.uncompressed_bytes() for l in comp.values())
         held = self.vram_bytes()
-        tokens = max((l.get_seq_length() for l in self._cache.layers if hasattr(l, "get_seq_length")), default=0)
+        tokens = max(
+            (l.get_seq_length() for l in self._cache.layers if hasattr(l, "get_seq_length")), default=0
+        )
         layout = self.layout
         return {
             "head_dim": layout.head_dim,

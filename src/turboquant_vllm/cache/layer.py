@@ -43,6 +43,8 @@ def _compress_reference_into(x, mean, rotation, boundaries, bits, out_packed, ou
     packed, norms = compress_reference(x, mean, rotation, boundaries, bits)
     out_packed[:, :, offset : offset + x.shape[-2]] = packed
     out_norms[:, :, offset : offset + x.shape[-2]] = norms
+
+
 VALIDATE_MODES = ("always", "prefill", "never")
 
 
@@ -92,7 +94,9 @@ class CompressedLayer(DynamicLayer):
         self.head_dim = check_packable_dim(head_dim)
         self.settings = settings
         self.layout = KVLayout(head_dim, settings.k_bits, settings.v_bits)
-        self._codecs = codecs if codecs is not None else Codecs.build(self.layout, settings.seed, settings.rotation)
+        self._codecs = (
+            codecs if codecs is not None else Codecs.build(self.layout, settings.seed, settings.rotation)
+        )
         if self._codecs.layout != self.layout:
             raise ValueError(f"codecs were built for {self._codecs.layout}, layer needs {self.layout}")
         self.fused = False
@@ -136,7 +140,9 @@ class CompressedLayer(DynamicLayer):
             if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
             if t.dim() != 4:
-                raise ValueError(f"{name} must be [batch, kv_heads, seq, head_dim], got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must be [batch, kv_heads, seq, head_dim], got shape {tuple(t.shape)}"
+                )
             if t.shape[-1] != self.head_dim:
                 raise ValueError(
                     f"{name} has head_dim {t.shape[-1]}, but this compressed cache was built for "
@@ -291,7 +297,16 @@ class CompressedLayer(DynamicLayer):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in ("k_packed", "k_norms", "v_packed", "v_norms", "k_mean", "v_mean", "exact_keys", "exact_values"):
+        for name in (
+            "k_packed",
+            "k_norms",
+            "v_packed",
+            "v_norms",
+            "k_mean",
+            "v_mean",
+            "exact_keys",
+            "exact_values",
+        ):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))

@@ -93,7 +93,9 @@ def triton_fa_tq4_kv_forward(
             raise ValueError("fused TurboQuant attention needs module.layer_idx to find its cache layer")
         layer = tq_cache.layer(idx)
     if not isinstance(layer, CompressedLayer) or not layer.fused or layer.attend_compressed == 0:
-        return triton_fa_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+        return triton_fa_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
 
     from ..kernels.tq_attention import tq_attention
 
@@ -151,7 +153,9 @@ def install_fused_tq4_kv(model, compressed) -> str:
     """
     config = _config_of(model)
     if not hasattr(compressed, "layer") or not hasattr(compressed, "fused_mode"):
-        raise TypeError(f"compressed must be a CompressedDynamicCache or TurboQuantCache, got {type(compressed)}")
+        raise TypeError(
+            f"compressed must be a CompressedDynamicCache or TurboQuantCache, got {type(compressed)}"
+        )
     current = getattr(config, "_attn_implementation", None)
     if isinstance(current, str) and current.startswith(_FUSED_PREFIX):
         uninstall_fused_tq4_kv(model)
@@ -205,3 +209,14 @@ def enable_turboquant(model, bits: int = 4, *, fused: bool = True, **cache_kwarg
 def disable_turboquant(model) -> None:
     """Undo enable_turboquant (same as uninstall_fused_tq4_kv)."""
     uninstall_fused_tq4_kv(model)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """{"cache": cache} where the model takes `cache=` (transformers >= 5.24), else {"past_key_values": cache}.
+
+    `model.generate(**inputs, **cache_kwargs(model, cache))` runs without deprecation warnings on every 5.x.
+    """
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}

@@ -286,12 +286,14 @@ def _fwd_kernel(
     # Rows that saw no key (all masked, or an empty split) have l = 0 and acc = 0: output 0, lse -inf.
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    o_ptrs = Out + (split * stride_os + b * stride_ob + head * stride_oh + pos.to(tl.int64) * stride_oq)[:, None]
-    o_ptrs += offs_d[None, :] * stride_od
+    pos64 = pos.to(tl.int64)
+    o_rows = split * stride_os + b * stride_ob + head * stride_oh + pos64 * stride_oq
+    o_ptrs = Out + o_rows[:, None] + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
     if WRITE_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-        l_ptrs = Lse + split * stride_ls + b * stride_lb + head * stride_lh + pos.to(tl.int64) * stride_lq
+        lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453  # natural log
+        lse = tl.where(empty, float("-inf"), lse)
+        l_ptrs = Lse + split * stride_ls + b * stride_lb + head * stride_lh + pos64 * stride_lq
         tl.store(l_ptrs, lse, mask=row_valid)
 
 
@@ -400,12 +402,10 @@ _DECODE_CONFIGS = [
     ]
 ]
 _TUNE_KEY = ["BLOCK_D", "GROUP", "CAUSAL", "MASK_KIND", "WRITE_LSE", "tune_bucket"]
-_fwd_prefill = triton.autotune(_PREFILL_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _fwd_kernel
-)
-_fwd_decode = triton.autotune(
-    _DECODE_CONFIGS, key=[*_TUNE_KEY, "BLOCK_M"], prune_configs_by={"early_config_prune": _prune}
-)(_fwd_kernel)
+_PRUNE = {"early_config_prune": _prune}
+_fwd_prefill = triton.autotune(_PREFILL_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+_DECODE_KEY = [*_TUNE_KEY, "BLOCK_M"]
+_fwd_decode = triton.autotune(_DECODE_CONFIGS, key=_DECODE_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
 
 # The interpreter cannot autotune (and is slow): one small deterministic config.
 _INTERP_BLOCK_M = 32

@@ -1,0 +1,1 @@
+"""Quality measurement: fidelity of a compressed cache against the exact one."""
