@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import turboquant_vllm.kernels.flash_attention as fa_mod
 from tests.helpers import rel_err
 from turboquant_vllm.core.kvcodec import attention_reference, sdpa
-from turboquant_vllm.kernels._common import interpreting
 from turboquant_vllm.kernels.flash_attention import flash_attention
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -233,16 +232,14 @@ def test_matches_torch_sdpa(name, b, hq, hkv, sq, skv, causal, use_mask, device)
         k.repeat_interleave(g, 1),
         v.repeat_interleave(g, 1),
         attn_mask=mask,
-        is_causal=causal and sq == skv,
+        is_causal=causal,
     ).transpose(1, 2)
-    if causal and sq != skv:
-        ref = attention_reference(q, k, v, causal=True)
     _check(flash_attention(q, k, v, attention_mask=mask, causal=causal), ref, torch.float32, name)
 
 
 def test_bfloat16(device):
-    if interpreting():
-        pass  # the kernel upcasts bf16 tiles to float32 under the interpreter (its bf16 tl.dot is wrong)
+    # Under the interpreter the kernel upcasts bf16 tiles to float32 (the interpreter's bf16 tl.dot is wrong),
+    # so this checks the bf16 loads/stores and plumbing there, and the real bf16 MMA path on a GPU.
     q, k, v = _qkv(2, 4, 2, 37, 37, 64, torch.bfloat16, device)
     out = flash_attention(q, k, v, causal=True)
     assert out.dtype == torch.bfloat16

@@ -77,7 +77,7 @@ class _CompressedCacheMixin:
     """Accounting and access shared by both cache flavours (`self._cache` is the DynamicCache)."""
 
     def compressed_layers(self) -> dict[int, CompressedLayer]:
-        return {i: l for i, l in enumerate(self._cache.layers) if isinstance(l, CompressedLayer)}
+        return {i: layer for i, layer in enumerate(self._cache.layers) if isinstance(layer, CompressedLayer)}
 
     def layer(self, layer_idx: int):
         return self._cache.layers[layer_idx]
@@ -124,8 +124,8 @@ class _CompressedCacheMixin:
     def compression_stats(self) -> dict:
         """Tokens, bytes held/used, the uncompressed equivalent and the ratio, per cache."""
         comp = self.compressed_layers()
-        used = sum(l.used_bytes() for l in comp.values())
-        unc = sum(l.uncompressed_bytes() for l in comp.values())
+        used = sum(layer.used_bytes() for layer in comp.values())
+        unc = sum(layer.uncompressed_bytes() for layer in comp.values())
         held = self.vram_bytes()
         tokens = max(
             (l.get_seq_length() for l in self._cache.layers if hasattr(l, "get_seq_length")), default=0
