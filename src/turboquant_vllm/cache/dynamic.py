@@ -128,7 +128,7 @@ class _CompressedCacheMixin:
         unc = sum(layer.uncompressed_bytes() for layer in comp.values())
         held = self.vram_bytes()
         tokens = max(
-            (l.get_seq_length() for l in self._cache.layers if hasattr(l, "get_seq_length")), default=0
+            (layer.get_seq_length() for layer in self._cache.layers if hasattr(layer, "get_seq_length")), default=0
         )
         layout = self.layout
         return {

@@ -94,9 +94,7 @@ class CompressedLayer(DynamicLayer):
         self.head_dim = check_packable_dim(head_dim)
         self.settings = settings
         self.layout = KVLayout(head_dim, settings.k_bits, settings.v_bits)
-        self._codecs = (
-            codecs if codecs is not None else Codecs.build(self.layout, settings.seed, settings.rotation)
-        )
+        self._codecs = codecs if codecs is not None else Codecs.build(self.layout, settings.seed, settings.rotation)
         if self._codecs.layout != self.layout:
             raise ValueError(f"codecs were built for {self._codecs.layout}, layer needs {self.layout}")
         self.fused = False
@@ -140,9 +138,7 @@ class CompressedLayer(DynamicLayer):
             if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
             if t.dim() != 4:
-                raise ValueError(
-                    f"{name} must be [batch, kv_heads, seq, head_dim], got shape {tuple(t.shape)}"
-                )
+                raise ValueError(f"{name} must be [batch, kv_heads, seq, head_dim], got shape {tuple(t.shape)}")
             if t.shape[-1] != self.head_dim:
                 raise ValueError(
                     f"{name} has head_dim {t.shape[-1]}, but this compressed cache was built for "
