@@ -134,7 +134,11 @@ def _attn_loop(
                 attend = tl.load(m_ptrs, mask=m_ok, other=0)
                 s = tl.where(attend != 0, s, float("-inf"))
             else:
-                s += tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                bias = tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32)
+                # finfo(float32).min * log2(e) would overflow to -inf (turning transformers' "masked"
+                # rows into fully masked ones): clamp finite biases first, keep true -inf.
+                bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2e38))
+                s += bias * 1.4426950408889634
         if BOUNDARY:
             keep = cols[None, :] < Skv
             if CAUSAL:

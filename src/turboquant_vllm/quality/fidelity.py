@@ -27,14 +27,15 @@ def decode_logits(
     b, t = input_ids.shape
     if not 0 < prefill < t:
         raise ValueError(f"prefill must be in (0, {t}), got {prefill}")
+    from ..integrations.transformers import cache_kwargs
+
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    out = model(
-        input_ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache, use_cache=True
-    )
+    kw = cache_kwargs(model, cache)
+    out = model(input_ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True, **kw)
     logits = [out.logits[:, -1:].float()]
     for s in range(prefill, t - 1, chunk):
         e = min(s + chunk, t - 1)
-        out = model(input_ids[:, s:e], attention_mask=mask[:, :e], past_key_values=cache, use_cache=True)
+        out = model(input_ids[:, s:e], attention_mask=mask[:, :e], use_cache=True, **kw)
         logits.append(out.logits.float())
     return torch.cat(logits, dim=1)
 
