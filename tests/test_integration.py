@@ -1,0 +1,176 @@
+"""The documented attention-interface API and the fused path inside transformers."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import turboquant_vllm as tq
+from tests.helpers import rel_err
+from tests.models import left_padded_batch, tiny_llama, tiny_qwen2
+from turboquant_vllm import CompressedDynamicCache, TurboQuantCache
+from turboquant_vllm.core.kvcodec import attention_reference
+from turboquant_vllm.quality.fidelity import decode_logits
+from turboquant_vllm.triton.attention_interface import (
+    install_fused_tq4_kv,
+    install_triton_fa,
+    register_triton_fa,
+    triton_fa_forward,
+    triton_fa_tq4_kv_forward,
+    uninstall_fused_tq4_kv,
+)
+
+
+def _module(causal=True):
+    return SimpleNamespace(is_causal=causal, training=False)
+
+
+def _qkv(b=2, hq=4, hkv=2, sq=7, skv=7, d=64, dtype=torch.float32):
+    return (
+        torch.randn(b, hq, sq, d, dtype=dtype),
+        torch.randn(b, hkv, skv, d, dtype=dtype),
+        torch.randn(b, hkv, skv, d, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("case", ["causal_prefill", "decode", "padding_mask", "not_causal_kwarg", "mha"])
+def test_triton_fa_forward_against_sdpa(case):
+    torch.manual_seed(0)
+    hkv = 4 if case == "mha" else 2
+    sq = 1 if case == "decode" else 9
+    q, k, v = _qkv(hkv=hkv, sq=sq, skv=9 if sq > 1 else 13)
+    mask, kwargs, causal = None, {}, sq > 1
+    if case == "padding_mask":
+        pad = torch.ones(2, 9, dtype=torch.bool)
+        pad[0, :3] = False
+        mask = sdpa_mask(batch_size=2, q_length=9, kv_length=9, attention_mask=pad, allow_is_causal_skip=False)
+        causal = False
+    if case == "not_causal_kwarg":
+        kwargs, causal = {"is_causal": False}, False
+    out, weights = triton_fa_forward(_module(), q, k, v, mask, scaling=0.125, **kwargs)
+    assert weights is None and out.shape == (2, sq, 4, 64)
+    ref = attention_reference(q, k, v, mask, causal=causal, scale=0.125)
+    rows = torch.ones(2, sq, dtype=torch.bool) if mask is None else mask[:, 0].any(-1)  # fully padded rows differ
+    assert rel_err(out[rows], ref[rows]) < 1e-4
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=0.125, enable_gqa=True
+    ).transpose(1, 2)
+    assert rel_err(out[rows], sdpa[rows]) < 1e-4
+
+
+def test_register_is_idempotent_and_registers_a_mask():
+    assert register_triton_fa() == register_triton_fa() == "triton_fa"
+    assert "triton_fa" in AttentionInterface() and "triton_fa" in AttentionMaskInterface()
+    assert AttentionMaskInterface._global_mapping["triton_fa"] is sdpa_mask
+
+
+def test_install_triton_fa_matches_sdpa_model():
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(14, 9))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        install_triton_fa(model)
+        assert model.config._attn_implementation == "triton_fa"
+        out = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert rel_err(out[valid], ref[valid]) < 1e-4
+    with pytest.raises(AttributeError, match="config"):
+        install_triton_fa(object())
+
+
+def _fused_and_unfused_logits(model, head_dim, make, ids, mask, prefill, chunk=1):
+    cache_a = DynamicCache(config=model.config)
+    make(cache_a)
+    unfused = decode_logits(model, ids, cache_a, attention_mask=mask, prefill=prefill, chunk=chunk)
+    cache_b = DynamicCache(config=model.config)
+    compressed = make(cache_b)
+    install_fused_tq4_kv(model, compressed)
+    try:
+        assert compressed.fused_mode
+        fused = decode_logits(model, ids, cache_b, attention_mask=mask, prefill=prefill, chunk=chunk)
+    finally:
+        uninstall_fused_tq4_kv(model)
+    return fused, unfused
+
+
+@pytest.mark.parametrize("family,head_dim,bits,chunk", [("llama", 64, 4, 1), ("qwen2", 128, 3, 1), ("llama", 64, 2, 4)])
+def test_fused_equals_unfused_on_same_compressed_data(family, head_dim, bits, chunk):
+    model = tiny_llama() if family == "llama" else tiny_qwen2()
+    ids, mask = left_padded_batch(lengths=(30, 22))
+
+    def make(cache):
+        return CompressedDynamicCache(cache, head_dim=head_dim, bits=bits)
+
+    fused, unfused = _fused_and_unfused_logits(model, head_dim, make, ids, mask, prefill=18, chunk=chunk)
+    assert rel_err(fused, unfused) < 1e-4
+
+
+def test_fused_with_window_and_asymmetric_bits():
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(26, 26))
+    layer_caches = []
+
+    def run(fused):
+        cache = TurboQuantCache(model.config, k_bits=4, v_bits=2, window=5)
+        layer_caches.append(cache)
+        if fused:
+            install_fused_tq4_kv(model, cache)
+        try:
+            return decode_logits(model, ids, cache, attention_mask=mask, prefill=12)
+        finally:
+            uninstall_fused_tq4_kv(model)
+
+    assert rel_err(run(True), run(False)) < 1e-4
+    assert layer_caches[0].layers[0].exact_keys.shape[-2] == 5
+
+
+def test_uninstall_leaves_no_trace_and_two_models_do_not_interfere():
+    m1, m2 = tiny_llama(seed=1), tiny_qwen2(seed=2)
+    before_attn = set(AttentionInterface._global_mapping)
+    before_mask = set(AttentionMaskInterface._global_mapping)
+    c1 = DynamicCache(config=m1.config)
+    comp1 = CompressedDynamicCache(c1, head_dim=64, bits=4)
+    c2 = DynamicCache(config=m2.config)
+    comp2 = CompressedDynamicCache(c2, head_dim=128, bits=4)
+    n1 = install_fused_tq4_kv(m1, comp1)
+    n2 = install_fused_tq4_kv(m2, comp2)
+    assert n1 != n2 and m1.config._attn_implementation == n1 and m2.config._attn_implementation == n2
+    ids, mask = left_padded_batch(lengths=(10, 10))
+    with torch.no_grad():
+        m1(ids, attention_mask=mask, past_key_values=c1)
+        m2(ids, attention_mask=mask, past_key_values=c2)
+        m1(ids[:, :1], attention_mask=torch.ones(2, 11, dtype=torch.long), past_key_values=c1)
+    assert c1.get_seq_length() == 11 and c2.get_seq_length() == 10
+    uninstall_fused_tq4_kv(m1)
+    uninstall_fused_tq4_kv(m2)
+    for m, comp in ((m1, comp1), (m2, comp2)):
+        assert m.config._attn_implementation == "sdpa" and comp.fused_mode is False
+        assert not any(name.startswith("_tq") for mod in m.modules() for name in vars(mod))
+    assert set(AttentionInterface._global_mapping) - before_attn <= {"triton_fa"}
+    assert set(AttentionMaskInterface._global_mapping) - before_mask <= {"triton_fa"}
+
+
+def test_fused_forward_falls_back_without_cache():
+    q, k, v = _qkv()
+    a, _ = triton_fa_tq4_kv_forward(_module(), q, k, v, None)
+    b, _ = triton_fa_forward(_module(), q, k, v, None)
+    torch.testing.assert_close(a, b)
+
+
+def test_enable_turboquant_one_call_and_context_manager():
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(12, 8))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    cache = tq.enable_turboquant(model, bits=8)
+    assert isinstance(cache, TurboQuantCache) and cache.fused_mode
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **tq.cache_kwargs(model, cache))
+    tq.disable_turboquant(model)
+    assert model.config._attn_implementation == "sdpa" and not cache.fused_mode
+    assert torch.equal(out, ref)  # 8-bit keys and values keep the greedy path of this tiny model
+    cache2 = TurboQuantCache(model.config, bits=4)
+    with tq.fused_attention(model, cache2):
+        assert cache2.fused_mode
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, **tq.cache_kwargs(model, cache2))
+    assert model.config._attn_implementation == "sdpa" and not cache2.fused_mode
