@@ -72,6 +72,7 @@ CASES = {
     "decode": (2, 8, 2, 1, 53, 64, False),
     "decode_causal_gqa7": (1, 7, 1, 1, 53, 64, True),
     "more_queries_than_keys_causal": (1, 2, 1, 20, 8, 64, True),  # first 12 rows see no key
+    "prefill_causal_offset1": (1, 2, 2, 130, 131, 64, True),  # diagonal ends one key past a block edge
 }
 
 
@@ -195,9 +196,11 @@ def test_out_param_and_strided_inputs(sq, dtype, device):
     _check(out, attention_reference(q, k, v, causal=True), dtype)
 
 
+@pytest.mark.parametrize("sq", [2, 37])
 @pytest.mark.parametrize("splits", [1, 2, 3, 5])
-def test_split_kv_decode(splits, device):
-    b, hq, hkv, sq, skv, d = 2, 8, 2, 2, 77, 64
+def test_split_kv(splits, sq, device):
+    """Flash-decoding: KV length split over programs, partials merged by their log-sum-exps."""
+    b, hq, hkv, skv, d = 2, 8, 2, 77, 64
     q, k, v = _qkv(b, hq, hkv, sq, skv, d, torch.float16, device)
     mask = _left_padding_mask(b, skv, device)
     out = torch.full((b, sq, hq, d), float("nan"), device=device, dtype=torch.float16)

@@ -22,8 +22,9 @@ query position r // GROUP of query head kv_head * GROUP + r % GROUP, where GROUP
 of BLOCK_M rows therefore covers BLOCK_M / GROUP consecutive query positions for every head of the
 group, so each K/V tile is read once for the whole group (GQA without repeating K/V), and for
 decode (Sq = 1) the M dimension is filled by the group's heads instead of being mostly padding.
-The grid is (row blocks, B * Hkv, KV splits). Small row counts (decode) split the KV length over
-programs (flash-decoding) and a second kernel combines the partials through their log-sum-exps.
+The grid is (row blocks, B * Hkv, KV splits). When row blocks x B x Hkv programs cannot fill the
+GPU (decode, short chunks over a long context) the KV length is split over programs (flash-decoding)
+and a second kernel combines the partials through their log-sum-exps.
 
 Softmax is the FlashAttention-2 online softmax in float32 with exp2 (scores pre-multiplied by
 scale * log2(e)). Causal masking is bottom-right aligned (query i sees keys j <= i + Skv - Sq): key
@@ -33,6 +34,7 @@ are applied only in the boundary loop; fully visible blocks run an unmasked loop
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -45,8 +47,8 @@ __all__ = ["flash_attention"]
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
-# Row counts (GROUP * Sq) up to this use the decode configuration: one row block per (batch, kv head)
-# and the KV length split across programs when there are too few programs to fill the GPU.
+# Row counts (GROUP * Sq) up to this use the decode configuration: one row block per (batch, kv head),
+# BLOCK_M fitted to the rows, only BLOCK_N / warps / stages autotuned.
 _DECODE_MAX_ROWS = 128
 
 _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
@@ -385,6 +387,7 @@ _PREFILL_CONFIGS = [
         (128, 64, 8, 3),
         (128, 128, 8, 3),
         (128, 128, 8, 2),
+        (128, 64, 8, 2),
         (128, 32, 4, 4),
         (64, 64, 4, 3),
         (64, 128, 4, 3),
@@ -480,11 +483,15 @@ def _torch_forward(query, key, value, attention_mask, causal, scale, want_lse):
     return o, (lse.reshape(b, hq, sq) if want_lse else None)
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(programs: int, skv: int, device: torch.device) -> int:
-    """Split the keys when (batch x kv heads) programs alone would leave most SMs idle."""
+    """KV splits so that (row blocks x batch x kv heads x splits) programs fill the GPU about twice."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        min_keys = 512
+        sms, min_keys = _sm_count(device), 512
     else:  # interpreter: small numbers so that tiny test shapes exercise the split path
         sms, min_keys = 4, 2 * _INTERP_BLOCK_N
     if programs >= sms:
@@ -503,7 +510,7 @@ def _forward(
     out: torch.Tensor | None,
     num_splits: int | None = None,
 ):
-    """flash_attention without the argument checks; num_splits forces the KV split count (decode)."""
+    """flash_attention without the argument checks; num_splits forces the KV split count (tests)."""
     b, hq, sq, d = query.shape
     hkv, skv = key.shape[1], key.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
@@ -541,17 +548,18 @@ def _forward(
         mask = mask.expand(b, hq, sq, skv)  # size-1 dims get stride 0
         mask_strides = mask.stride()
 
+    # Decode-sized row counts get one row block per (batch, kv head) with BLOCK_M fitted to the rows;
+    # larger ones use the autotuned BLOCK_M (the split count assumes the largest, 128).
     decode = rows <= _DECODE_MAX_ROWS
     if decode:
         block_m = max(16, next_pow2(rows))
-        splits = num_splits if num_splits is not None else _num_splits(b * hkv, skv, query.device)
-        align = _INTERP_BLOCK_N if interp else 128
-        keys_per_split = triton.cdiv(triton.cdiv(skv, max(1, splits)), align) * align
-        splits = triton.cdiv(skv, keys_per_split)
     else:
-        block_m, splits, keys_per_split = None, 1, skv
-        if num_splits not in (None, 1):
-            raise ValueError(f"num_splits is only supported for GROUP * Sq <= {_DECODE_MAX_ROWS}")
+        block_m = _INTERP_BLOCK_M if interp else 128
+    if num_splits is None:
+        num_splits = _num_splits(triton.cdiv(rows, block_m) * b * hkv, skv, query.device)
+    align = _INTERP_BLOCK_N if interp else 128  # split boundaries on key-block boundaries
+    keys_per_split = triton.cdiv(triton.cdiv(skv, max(1, num_splits)), align) * align
+    splits = triton.cdiv(skv, keys_per_split)
 
     if splits > 1:
         o_buf = torch.empty(splits, b, hq, sq, d, dtype=torch.float32, device=query.device)
@@ -585,9 +593,8 @@ def _forward(
         UPCAST=interp and query.dtype == torch.bfloat16,
     )
     if interp:
-        bm = block_m if decode else _INTERP_BLOCK_M
-        grid = (triton.cdiv(rows, bm), b * hkv, splits)
-        _fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=_INTERP_BLOCK_N)
+        grid = (triton.cdiv(rows, block_m), b * hkv, splits)
+        _fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=_INTERP_BLOCK_N)
     elif decode:
         grid = (triton.cdiv(rows, block_m), b * hkv, splits)
         _fwd_decode[grid](*args, **meta, BLOCK_M=block_m)
