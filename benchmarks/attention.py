@@ -1,0 +1,247 @@
+"""Attention kernels on the GPU: fused decode over the compressed cache vs fp16 SDPA, prefill, compress.
+
+    python benchmarks/attention.py [--quick] [--json PATH] [--out-dir DIR]
+
+Every row times the fp16 SDPA baseline in the same run, at its best: the fastest of the flash and
+memory-efficient backends (cuDNN re-plans whenever the KV length changes, ~40 ms a decode call on
+this machine, so it is left out), on the same shapes. Medians of triton.testing.do_bench (eager) and,
+for decode, of CUDA-graph replays (launch gaps removed, same for both sides). Bytes moved over the
+copy bandwidth measured in the same run give % of roofline. Correctness is checked before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth, env_header, print_table, write_results  # noqa: E402
+
+from turboquant_vllm.core.kvcodec import attention_reference, dequantize_reference  # noqa: E402
+from turboquant_vllm.kernels.flash_attention import flash_attention  # noqa: E402
+from turboquant_vllm.kernels.tq_attention import tq_attention  # noqa: E402
+from turboquant_vllm.kernels.tq_compress import tq_compress  # noqa: E402
+from turboquant_vllm.layout import Codecs, CompressedKV, KVLayout  # noqa: E402
+
+
+def bench(fn, graph: bool = False) -> float:
+    """Median ms."""
+    import triton.testing as tt
+
+    if graph:
+        return float(tt.do_bench_cudagraph(fn, rep=60, return_mode="median"))
+    return float(tt.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def sdpa_best(q, k, v, *, causal=False, graph=False) -> tuple[float, str]:
+    """Fastest of SDPA's flash and efficient backends on these shapes (fp16, enable_gqa)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    best = (math.inf, "none")
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+        try:
+            run()
+            t = bench(run, graph=graph)
+        except RuntimeError:
+            continue
+        best = min(best, (t, backend.name.lower()))
+    return best
+
+
+def make_compressed(b, hkv, n, d, k_bits, v_bits, dtype, device, seed=0):
+    """Random K/V compressed with the Triton compress kernel; also returns the fp16 K/V."""
+    torch.manual_seed(seed)
+    k = torch.randn(b, hkv, n, d, device=device, dtype=dtype)
+    v = torch.randn(b, hkv, n, d, device=device, dtype=dtype)
+    layout = KVLayout(d, k_bits, v_bits)
+    codecs = Codecs.build(layout, device=device)
+    kp = torch.empty(b, hkv, n, layout.k_bytes, dtype=torch.uint8, device=device)
+    vp = torch.empty(b, hkv, n, layout.v_bytes, dtype=torch.uint8, device=device)
+    kn = torch.empty(b, hkv, n, dtype=torch.float32, device=device)
+    vn = torch.empty(b, hkv, n, dtype=torch.float32, device=device)
+    km = k.float().mean(dim=2)
+    vm = torch.zeros(b, hkv, d, device=device)
+    step = max(1, (1 << 27) // (b * hkv * d))  # bound the temporary of the compress kernel
+    for s in range(0, n, step):
+        tq_compress(k[:, :, s : s + step], km, codecs.rotation, codecs.k_boundaries, k_bits, kp, kn, s)
+        tq_compress(v[:, :, s : s + step], vm, codecs.rotation, codecs.v_boundaries, v_bits, vp, vn, s)
+    return CompressedKV(kp, kn, vp, vn, km, vm, n, codecs), k, v
+
+
+def check_decode(q, kv, rel_tol=2e-2) -> float:
+    """Fused decode vs PyTorch dequantize + fp32 attention on the same compressed data (first 2K tokens)."""
+    n = min(kv.length, 2048)
+    sub = CompressedKV(kv.k_packed[:1, :, :n], kv.k_norms[:1, :, :n], kv.v_packed[:1, :, :n], kv.v_norms[:1, :, :n],
+                       kv.k_mean[:1], kv.v_mean[:1], n, kv.codecs)  # fmt: skip
+    c = kv.codecs
+    lay = c.layout
+    kh = dequantize_reference(sub.k_packed, sub.k_norms, sub.k_mean, c.rotation, c.k_centroids, lay.k_bits)
+    vh = dequantize_reference(sub.v_packed, sub.v_norms, sub.v_mean, c.rotation, c.v_centroids, lay.v_bits)
+    ref = attention_reference(q[:1], kh, vh)
+    out = tq_attention(q[:1], sub, None, None).float()
+    err = float((out - ref).norm() / ref.norm())
+    if not err < rel_tol or torch.isnan(out).any():
+        raise RuntimeError(f"fused decode disagrees with the reference: rel err {err:.3e}")
+    return err
+
+
+def decode_rows(cases, hq_list, d_list, bw, quick, graph):
+    rows = []
+    dev = "cuda"
+    for b, n in cases:
+        for hq, hkv in hq_list:
+            for d in d_list:
+                fp16_bytes = b * hkv * n * d * 2 * 2
+                if fp16_bytes > 40 * 2**30:
+                    continue
+                torch.cuda.empty_cache()
+                q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.float16)
+                k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.float16)
+                v = torch.randn_like(k)
+                row = dict(kind="decode", B=b, N=n, Hq=hq, Hkv=hkv, d=d)
+                t_sdpa, backend = sdpa_best(q, k, v)
+                row.update(sdpa_ms=t_sdpa, sdpa_backend=backend, sdpa_pct_bw=100 * fp16_bytes / (t_sdpa * 1e-3) / bw)
+                if graph:
+                    row["sdpa_graph_ms"] = sdpa_best(q, k, v, graph=True)[0]
+                row["triton_fa_ms"] = bench(lambda: flash_attention(q, k, v))
+                del k, v
+                for bits in (4, 3):
+                    kv, _, _ = make_compressed(b, hkv, n, d, bits, bits, torch.float16, dev)
+                    row[f"tq{bits}_check_err"] = check_decode(q, kv)
+                    t = bench(lambda kv=kv: tq_attention(q, kv, None, None))
+                    tq_bytes = b * hkv * n * kv.codecs.layout.bytes_per_token_per_head
+                    row[f"tq{bits}_ms"] = t
+                    row[f"tq{bits}_speedup"] = t_sdpa / t
+                    row[f"tq{bits}_pct_bw"] = 100 * tq_bytes / (t * 1e-3) / bw
+                    if graph:
+                        tg = bench(lambda kv=kv: tq_attention(q, kv, None, None), graph=True)
+                        row[f"tq{bits}_graph_ms"] = tg
+                        row[f"tq{bits}_graph_speedup"] = row["sdpa_graph_ms"] / tg
+                    del kv
+                rows.append(row)
+                print(_fmt_decode(row), flush=True)
+    return rows
+
+
+def _fmt_decode(r):
+    return (
+        f"decode B={r['B']:>2} N={r['N'] // 1024:>3}K Hq={r['Hq']} Hkv={r['Hkv']} d={r['d']}: "
+        f"sdpa {r['sdpa_ms']:.4f} ms ({r['sdpa_backend']}, {r['sdpa_pct_bw']:.0f}% bw) | "
+        f"tq4 {r['tq4_ms']:.4f} ms x{r['tq4_speedup']:.2f} ({r['tq4_pct_bw']:.0f}% bw) | "
+        f"tq3 {r['tq3_ms']:.4f} ms x{r['tq3_speedup']:.2f} | triton_fa {r['triton_fa_ms']:.4f} ms"
+    )
+
+
+def prefill_rows(lengths):
+    rows = []
+    for s in lengths:
+        q = torch.randn(1, 32, s, 128, device="cuda", dtype=torch.float16)
+        k = torch.randn(1, 8, s, 128, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        flops = 4 * 32 * s * s * 128 / 2  # causal
+        t_sdpa, backend = sdpa_best(q, k, v, causal=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = flash_attention(q, k, v, causal=True)
+        err = float((out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
+        t = bench(lambda: flash_attention(q, k, v, causal=True))
+        rows.append(dict(kind="prefill", N=s, sdpa_ms=t_sdpa, sdpa_backend=backend, sdpa_tflops=flops / t_sdpa / 1e9,
+                         triton_fa_ms=t, triton_fa_tflops=flops / t / 1e9, ratio=t_sdpa / t, check_err=err))  # fmt: skip
+        print(f"prefill causal 1x{s}: sdpa {t_sdpa:.3f} ms ({flops / t_sdpa / 1e9:.0f} TFLOP/s) | triton_fa {t:.3f} ms "
+              f"({flops / t / 1e9:.0f} TFLOP/s) = {100 * t_sdpa / t:.0f}% of SDPA; rel err {err:.1e}", flush=True)  # fmt: skip
+    return rows
+
+
+def chunked_rows(prefix=32768, chunk=2048):
+    from torch.nn.attention.bias import causal_lower_right
+
+    dev, d = "cuda", 128
+    kv, k, v = make_compressed(1, 8, prefix, d, 4, 4, torch.float16, dev)
+    q = torch.randn(1, 32, chunk, d, device=dev, dtype=torch.float16)
+    ke = torch.randn(1, 8, chunk, d, device=dev, dtype=torch.float16)
+    ve = torch.randn_like(ke)
+    kf, vf = torch.cat([k, ke], dim=2), torch.cat([v, ve], dim=2)
+    del k, v
+    bias = causal_lower_right(chunk, prefix + chunk)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, kf, vf, attn_mask=bias, enable_gqa=True)
+
+    def fused():
+        return tq_attention(q, kv, ke, ve, causal=True)
+
+    t_sdpa, t = bench(sdpa), bench(fused)
+    flops = 4 * 32 * chunk * (prefix + chunk / 2) * d
+    row = dict(kind="chunked_prefill", N=prefix, chunk=chunk, sdpa_ms=t_sdpa, tq4_ms=t, ratio=t_sdpa / t,
+               sdpa_tflops=flops / t_sdpa / 1e9, tq4_tflops=flops / t / 1e9)  # fmt: skip
+    print(f"chunked prefill {chunk} over {prefix // 1024}K: sdpa fp16 {t_sdpa:.3f} ms | tq4 fused {t:.3f} ms "
+          f"= {100 * row['ratio']:.0f}% of SDPA throughput", flush=True)  # fmt: skip
+    return [row]
+
+
+def compress_rows(bw):
+    rows = []
+    for b, s in ((16, 2048), (1, 32768)):
+        x = torch.randn(b, 8, s, 128, device="cuda", dtype=torch.float16)
+        codecs = Codecs.build(KVLayout(128, 4, 4), device="cuda")
+        kp = torch.empty(b, 8, s, 64, dtype=torch.uint8, device="cuda")
+        kn = torch.empty(b, 8, s, dtype=torch.float32, device="cuda")
+        mean = torch.zeros(b, 8, 128, device="cuda")
+        t = bench(lambda: tq_compress(x, mean, codecs.rotation, codecs.k_boundaries, 4, kp, kn, 0))
+        moved = x.numel() * 2 + kp.numel() + kn.numel() * 4
+        rows.append(dict(kind="compress", B=b, N=s, ms=t, pct_bw=100 * moved / (t * 1e-3) / bw))
+        print(f"compress 4-bit B={b} S={s}: {t:.4f} ms, {100 * moved / (t * 1e-3) / bw:.0f}% of copy bandwidth")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the target shapes only")
+    p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph timings")
+    p.add_argument("--json", help="write all rows as JSON here")
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "benchmarks/out"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/attention.py needs a CUDA GPU")
+        return 2
+    env = env_header()
+    print(env)
+    bw = copy_bandwidth("cuda")
+    print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
+    graph = not args.no_graph
+    if args.quick:
+        cases = [(1, 4096), (1, 32768), (1, 131072), (16, 32768)]
+        heads, dims = [(32, 8)], [128]
+    else:
+        cases = [(b, n) for b in (1, 16, 64) for n in (4096, 32768, 131072)]
+        heads, dims = [(32, 8), (32, 32)], [128]
+    rows = decode_rows(cases, heads, dims, bw, args.quick, graph)
+    if not args.quick:
+        rows += decode_rows([(1, 32768), (16, 32768)], [(32, 8)], [64, 256], bw, args.quick, graph)
+    rows += prefill_rows([4096, 16384])
+    rows += chunked_rows()
+    rows += compress_rows(bw)
+    write_results(rows, args.out_dir, "attention", env=env)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"env": env, "copy_bw": bw, "rows": rows}, indent=1))
+    dec = [r for r in rows if r["kind"] == "decode"]
+    print_table(dec, ["B", "N", "Hq", "Hkv", "d", "sdpa_ms", "tq4_ms", "tq4_speedup", "tq4_pct_bw", "tq3_ms",
+                      "tq3_speedup", "sdpa_graph_ms", "tq4_graph_ms", "tq4_graph_speedup", "triton_fa_ms"])  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
