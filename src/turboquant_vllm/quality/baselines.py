@@ -1,0 +1,481 @@
+"""KV-cache settings to compare at equal bytes: TurboQuant (the real cache) and fake-quant baselines.
+
+A `Setting` names one way of storing K/V and builds a fresh cache for a model. TurboQuant settings that
+`TurboQuantCache` supports build the real compressed cache (so the real code is what is measured); the
+others are simulations for quality only: `FakeQuantLayer`, a DynamicLayer that quantizes K/V when they
+enter the cache and stores the dequantized values. Like the compressed cache, what one step attends to
+is the quantized past plus this step's new tokens (and any recent window) in full precision.
+
+Codecs (per token per KV head; `bytes_k/bytes_v` count every stored byte: codes, scales, norms):
+- fp16: round trip through float16, 2 * head_dim bytes each for K and V.
+- fp8: float8_e4m3fn with one fp16 scale per token per head (amax / 448).
+- int: randomised-Hadamard rotation + b-bit group-wise asymmetric min/max, fp16 scale + zero per group.
+- tq: TurboQuant MSE (rotation + Lloyd-Max codebook + float32 norm), keys centred per head by default.
+- tq-prod: keys with TurboQuantProd ((b-1)-bit MSE + 1-bit QJL + two float32 norms), values MSE.
+- kivi: KIVI-style: keys per-channel over groups of G tokens, values per-token group-wise; a residual of
+  fewer than G recent tokens stays in full precision until its group is complete.
+
+Settings are written as `kind:opt=val,...`, e.g. `tq:k=5,v=3`, `tq:k=4,v=4,window=64`, `tq:k=4,v=4,sink=4`,
+`int:bits=4,group=32`, `fp8`, `kivi:bits=4`, `tq-prod:k=4,v=4`, `tq:k=4,v=4,skip=0+29`, `tq:cv=1` (centre
+values), `tq:ck=0` (no key centring).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..core.kvcodec import compress_reference, dequantize_reference
+from ..core.quantizer import TurboQuantProd
+from ..core.rotation import hadamard_rotation
+from ..layout import NORM_BYTES, Codecs, KVLayout
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+KINDS = ("exact", "fp16", "fp8", "int", "tq", "tq-prod", "kivi")
+
+
+# ---------------------------------------------------------------------------------------------- codecs
+class Codec:
+    """Fake-quantizes [B, H, S, D] tensors token by token. `begin` sees the first update (e.g. for means)."""
+
+    def begin(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        pass
+
+    def quant_k(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quant_v(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bytes_k(self) -> float:
+        raise NotImplementedError
+
+    def bytes_v(self) -> float:
+        raise NotImplementedError
+
+
+class Fp16Codec(Codec):
+    def __init__(self, head_dim: int):
+        self.d = head_dim
+
+    def quant_k(self, x):
+        return x.to(torch.float16).to(x.dtype)
+
+    quant_v = quant_k
+
+    def bytes_k(self):
+        return 2.0 * self.d
+
+    bytes_v = bytes_k
+
+
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn with a per-vector (last dim) scale amax / 448, kept in fp16."""
+    x32 = x.float()
+    scale = (x32.abs().amax(-1, keepdim=True) / FP8_MAX).to(torch.float16).float().clamp_min(1e-12)
+    q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+class Fp8Codec(Codec):
+    def __init__(self, head_dim: int):
+        self.d = head_dim
+
+    def quant_k(self, x):
+        return fp8_round_trip(x)
+
+    quant_v = quant_k
+
+    def bytes_k(self):
+        return self.d + 2.0
+
+    bytes_v = bytes_k
+
+
+def groupwise_round_trip(x: torch.Tensor, bits: int, group: int, dim: int = -1) -> torch.Tensor:
+    """Asymmetric min/max b-bit quantization in groups of `group` along `dim`; fp16 scale and zero."""
+    x32 = x.float().movedim(dim, -1)
+    shape = x32.shape
+    if shape[-1] % group:
+        raise ValueError(f"group {group} must divide the quantized dim {shape[-1]}")
+    g = x32.reshape(*shape[:-1], shape[-1] // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).to(torch.float16).float().clamp_min(1e-8)
+    zero = lo.to(torch.float16).float()
+    q = ((g - zero) / scale).round().clamp(0, levels)
+    return (q * scale + zero).reshape(shape).movedim(-1, dim).to(x.dtype)
+
+
+class IntGroupCodec(Codec):
+    """Randomised Hadamard rotation (as QuaRot/SpinQuant) then b-bit group-wise min/max quantization."""
+
+    def __init__(self, head_dim: int, k_bits: int, v_bits: int, group: int = 32, seed: int = 0, rotate=True):
+        self.d, self.kb, self.vb, self.group = head_dim, k_bits, v_bits, min(group, head_dim)
+        self.rot = hadamard_rotation(head_dim, seed) if rotate else None
+
+    def _q(self, x, bits):
+        if self.rot is None:
+            return groupwise_round_trip(x, bits, self.group)
+        rot = self.rot.to(x.device)
+        y = groupwise_round_trip(x.float() @ rot.T, bits, self.group)
+        return (y @ rot).to(x.dtype)
+
+    def quant_k(self, x):
+        return self._q(x, self.kb)
+
+    def quant_v(self, x):
+        return self._q(x, self.vb)
+
+    def bytes_k(self):
+        return self.d * self.kb / 8 + 4.0 * self.d / self.group
+
+    def bytes_v(self):
+        return self.d * self.vb / 8 + 4.0 * self.d / self.group
+
+
+class TurboQuantCodec(Codec):
+    """TurboQuant MSE, the same arithmetic as CompressedLayer (core/kvcodec.py references)."""
+
+    def __init__(self, head_dim, k_bits, v_bits, *, seed=0, rotation="qr", center_keys=True, center_values=False):
+        self.layout = KVLayout(head_dim, k_bits, v_bits)
+        self.codecs = Codecs.build(self.layout, seed, rotation)
+        self.center_keys, self.center_values = center_keys, center_values
+        self.k_mean = self.v_mean = None
+
+    def begin(self, keys, values):
+        zeros = torch.zeros(*keys.shape[:2], keys.shape[-1], dtype=torch.float32, device=keys.device)
+        self.k_mean = keys.float().mean(-2) if self.center_keys else zeros
+        self.v_mean = values.float().mean(-2) if self.center_values else zeros
+        self.codecs = self.codecs.to(keys.device)
+
+    def _q(self, x, mean, bounds, cents, bits):
+        rot = self.codecs.rotation
+        packed, norms = compress_reference(x, mean, rot, bounds, bits)
+        return dequantize_reference(packed, norms, mean, rot, cents, bits).to(x.dtype)
+
+    def quant_k(self, x):
+        c = self.codecs
+        return self._q(x, self.k_mean, c.k_boundaries, c.k_centroids, self.layout.k_bits)
+
+    def quant_v(self, x):
+        c = self.codecs
+        return self._q(x, self.v_mean, c.v_boundaries, c.v_centroids, self.layout.v_bits)
+
+    def bytes_k(self):
+        return self.layout.k_bytes + NORM_BYTES
+
+    def bytes_v(self):
+        return self.layout.v_bytes + NORM_BYTES
+
+
+class TurboQuantProdCodec(TurboQuantCodec):
+    """Keys: TurboQuantProd ((k_bits - 1)-bit MSE + 1-bit QJL residual sketch), centred. Values: MSE."""
+
+    def __init__(self, head_dim, k_bits, v_bits, *, seed=0, rotation="qr", center_keys=True, center_values=False):
+        super().__init__(head_dim, k_bits, v_bits, seed=seed, rotation=rotation, center_keys=center_keys,
+                         center_values=center_values)  # fmt: skip
+        self.prod = TurboQuantProd(head_dim, k_bits, seed=seed, rotation=rotation)
+
+    def quant_k(self, x):
+        r = x.float() - self.k_mean.unsqueeze(-2)
+        parts = self.prod.quantize(r)
+        return (self.prod.dequantize(*parts) + self.k_mean.unsqueeze(-2)).to(x.dtype)
+
+    def bytes_k(self):
+        return self.layout.head_dim * self.layout.k_bits / 8 + 2 * NORM_BYTES
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class FakeQuantLayer(DynamicLayer):
+    """DynamicLayer that stores K/V fake-quantized by `codec` (dequantized values are kept: a simulation).
+
+    sink: the first `sink` tokens of the sequence are never quantized. window: the newest `window` tokens
+    stay exact. What `update()` returns: the quantized past + (window + new tokens) exact, as the
+    compressed cache does.
+    """
+
+    def __init__(self, codec: Codec, *, window: int = 0, sink: int = 0):
+        super().__init__()
+        self.codec, self.window, self.sink = codec, int(window), int(sink)
+        self.q_keys = self.q_values = self.exact_keys = self.exact_values = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device, self.dtype = key_states.device, key_states.dtype
+        empty = key_states[:, :, :0]
+        self.q_keys, self.q_values = empty.clone(), empty.clone()
+        self.exact_keys, self.exact_values = empty.clone(), empty.clone()
+        self.keys, self.values = self.q_keys, self.q_values
+        self.is_initialized = True
+        self.codec.begin(key_states, value_states)
+
+    def _quantize(self, k, v, start: int):
+        qk, qv = self.codec.quant_k(k), self.codec.quant_v(v)
+        n_sink = max(0, min(self.sink - start, k.shape[-2]))
+        if n_sink:
+            qk[:, :, :n_sink], qv[:, :, :n_sink] = k[:, :, :n_sink], v[:, :, :n_sink]
+        return qk, qv
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past_k, past_v = self.q_keys, self.q_values
+        ek = torch.cat([self.exact_keys, key_states], dim=-2)
+        ev = torch.cat([self.exact_values, value_states], dim=-2)
+        overflow = ek.shape[-2] - self.window
+        if overflow > 0:
+            qk, qv = self._quantize(ek[:, :, :overflow], ev[:, :, :overflow], past_k.shape[-2])
+            self.q_keys = torch.cat([past_k, qk], dim=-2)
+            self.q_values = torch.cat([past_v, qv], dim=-2)
+            self.exact_keys, self.exact_values = ek[:, :, overflow:], ev[:, :, overflow:]
+        else:
+            self.exact_keys, self.exact_values = ek, ev
+        self.keys, self.values = self.q_keys, self.q_values
+        return torch.cat([past_k, ek], dim=-2), torch.cat([past_v, ev], dim=-2)
+
+    def dequantize(self, length=None):
+        return self.q_keys, self.q_values
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.q_keys.shape[-2] + self.exact_keys.shape[-2]
+
+    def get_mask_sizes(self, query_length):
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return self.get_seq_length() + query_length, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("fake-quant layers are for teacher-forced quality runs")
+
+
+class KiviLayer(FakeQuantLayer):
+    """KIVI-style: keys quantized per channel over complete groups of `group` tokens, values per token
+    (group-wise along head_dim); tokens of an incomplete group stay exact (the residual)."""
+
+    def __init__(self, head_dim: int, bits: int, group: int = 32):
+        super().__init__(Codec())
+        self.head_dim, self.bits, self.group = head_dim, bits, group
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past_k, past_v = self.q_keys, self.q_values
+        ek = torch.cat([self.exact_keys, key_states], dim=-2)
+        ev = torch.cat([self.exact_values, value_states], dim=-2)
+        n = (ek.shape[-2] // self.group) * self.group
+        if n:
+            k = ek[:, :, :n]
+            b, h, _, d = k.shape
+            kg = k.reshape(b, h, n // self.group, self.group, d)
+            qk = groupwise_round_trip(kg, self.bits, self.group, dim=-2).reshape(b, h, n, d)
+            qv = groupwise_round_trip(ev[:, :, :n], self.bits, min(self.group, d))
+            self.q_keys = torch.cat([past_k, qk], dim=-2)
+            self.q_values = torch.cat([past_v, qv], dim=-2)
+            self.exact_keys, self.exact_values = ek[:, :, n:], ev[:, :, n:]
+        else:
+            self.exact_keys, self.exact_values = ek, ev
+        self.keys, self.values = self.q_keys, self.q_values
+        return torch.cat([past_k, ek], dim=-2), torch.cat([past_v, ev], dim=-2)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Setting:
+    """One way of storing the KV cache. See the module docstring for the spec syntax."""
+
+    kind: str = "tq"
+    k_bits: int = 4
+    v_bits: int = 4
+    window: int = 0
+    sink: int = 0
+    skip_layers: tuple[int, ...] = ()
+    center_keys: bool = True
+    center_values: bool = False
+    group: int = 32
+    seed: int = 0
+    rotation: str = "qr"
+    label: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        if self.kind in ("exact", "fp16", "fp8"):
+            s = self.kind
+        elif self.kind == "kivi":
+            s = f"kivi{self.k_bits}"
+        else:
+            kv = f"{self.k_bits}" if self.k_bits == self.v_bits else f"K{self.k_bits}V{self.v_bits}"
+            s = {"tq": "tq", "tq-prod": "tq-prod", "int": "int"}[self.kind] + kv
+            if self.kind == "int":
+                s += f"/g{self.group}"
+        if self.kind in ("tq", "tq-prod"):
+            if not self.center_keys:
+                s += " nock"
+            if self.center_values:
+                s += " cv"
+        if self.window:
+            s += f" w{self.window}"
+        if self.sink:
+            s += f" sink{self.sink}"
+        if self.skip_layers:
+            s += " skip" + "+".join(map(str, self.skip_layers))
+        return s
+
+    @property
+    def uses_real_cache(self) -> bool:
+        """True when this setting is measured on TurboQuantCache itself (not a simulation)."""
+        return self.kind == "tq" and self.sink == 0
+
+    def codec(self, head_dim: int) -> Codec | None:
+        kw = dict(seed=self.seed, rotation=self.rotation, center_keys=self.center_keys,
+                  center_values=self.center_values)  # fmt: skip
+        if self.kind == "fp16":
+            return Fp16Codec(head_dim)
+        if self.kind == "fp8":
+            return Fp8Codec(head_dim)
+        if self.kind == "int":
+            return IntGroupCodec(head_dim, self.k_bits, self.v_bits, self.group, self.seed)
+        if self.kind == "tq":
+            return TurboQuantCodec(head_dim, self.k_bits, self.v_bits, **kw)
+        if self.kind == "tq-prod":
+            return TurboQuantProdCodec(head_dim, self.k_bits, self.v_bits, **kw)
+        return None
+
+    def quantized_bytes(self, head_dim: int) -> float:
+        """Bytes per token per KV head of a quantized token (no window, sinks or protected layers)."""
+        if self.kind == "exact":
+            return 4.0 * 2 * head_dim
+        if self.kind == "kivi":
+            d, g = head_dim, self.group
+            return 2 * d * self.k_bits / 8 + 4.0 * d / g + 4.0 * d / min(g, d)
+        c = self.codec(head_dim)
+        return c.bytes_k() + c.bytes_v()
+
+    def bytes_per_token_per_head(self, head_dim: int, num_layers: int = 1, tokens: int | None = None) -> float:
+        """Average bytes per token per KV head over `num_layers` layers and a context of `tokens`.
+
+        Exact tokens (window, sinks; KIVI's residual, on average group / 2) and protected layers cost fp16
+        (2 * 2 * head_dim). Without `tokens`, the steady state (window and sinks amortized to zero)."""
+        fp16 = 4.0 * head_dim
+        q = self.quantized_bytes(head_dim)
+        if self.kind == "exact":
+            return q
+        exact = self.window + self.sink + (self.group / 2 if self.kind == "kivi" else 0)
+        if tokens:
+            share = min(exact, tokens) / tokens
+            q = q * (1 - share) + fp16 * share
+        skipped = len([i for i in self.skip_layers if 0 <= i < num_layers])
+        return (q * (num_layers - skipped) + fp16 * skipped) / num_layers
+
+    def bits_per_coord(self, head_dim: int, num_layers: int = 1, tokens: int | None = None) -> float:
+        """Average stored bits per K or V coordinate (norms, scales, window and protected layers counted)."""
+        return self.bytes_per_token_per_head(head_dim, num_layers, tokens) * 8 / (2 * head_dim)
+
+    def make_cache(self, config) -> DynamicCache:
+        """A fresh cache for a model config (or a model)."""
+        config = getattr(config, "config", config)
+        from ..cache.dynamic import TurboQuantCache, head_dim_of
+
+        if self.kind == "exact":
+            return DynamicCache(config=config)
+        if self.uses_real_cache:
+            return TurboQuantCache(config, k_bits=self.k_bits, v_bits=self.v_bits, window=self.window,
+                                   skip_layers=self.skip_layers, seed=self.seed, rotation=self.rotation,
+                                   center_keys=self.center_keys, center_values=self.center_values)  # fmt: skip
+        head_dim = head_dim_of(config)
+        cache = DynamicCache(config=config)
+        skip = set(self.skip_layers)
+
+        def make():
+            if self.kind == "kivi":
+                return KiviLayer(head_dim, self.k_bits, self.group)
+            return FakeQuantLayer(self.codec(head_dim), window=self.window, sink=self.sink)
+
+        for i, layer in enumerate(cache.layers):
+            if i not in skip and type(layer) is DynamicLayer:
+                cache.layers[i] = make()
+        return cache
+
+
+def parse_setting(spec: str) -> Setting:
+    """`kind[:opt=val,...]`; options k, v, bits, window, sink, skip (a+b), ck, cv, group, seed, rotation."""
+    kind, _, opts = spec.strip().partition(":")
+    kw: dict = {}
+    for item in filter(None, (o.strip() for o in opts.split(","))):
+        key, _, val = item.partition("=")
+        key = key.strip().lower()
+        if key in ("bits", "b"):
+            kw["k_bits"] = kw["v_bits"] = int(val)
+        elif key in ("k", "k_bits"):
+            kw["k_bits"] = int(val)
+        elif key in ("v", "v_bits"):
+            kw["v_bits"] = int(val)
+        elif key in ("window", "w"):
+            kw["window"] = int(val)
+        elif key == "sink":
+            kw["sink"] = int(val)
+        elif key == "skip":
+            kw["skip_layers"] = tuple(int(x) for x in val.replace("+", " ").split())
+        elif key == "ck":
+            kw["center_keys"] = val not in ("0", "false", "no")
+        elif key == "cv":
+            kw["center_values"] = val not in ("0", "false", "no")
+        elif key in ("group", "g"):
+            kw["group"] = int(val)
+        elif key == "seed":
+            kw["seed"] = int(val)
+        elif key == "rotation":
+            kw["rotation"] = val
+        elif key == "label":
+            kw["label"] = val
+        else:
+            raise ValueError(f"unknown option {key!r} in setting {spec!r}")
+    return Setting(kind=kind.strip().lower(), **kw)
+
+
+def baseline_settings(bits: int = 4, head_dim: int = 64) -> list[Setting]:
+    """The comparison set at one bit width: fp16, fp8, Hadamard+int (group 32 and group = head_dim, the
+    latter at TurboQuant's bytes), KIVI, TurboQuant MSE and Prod (QJL)."""
+    return [
+        Setting("fp16"),
+        Setting("fp8"),
+        Setting("int", bits, bits, group=32),
+        Setting("int", bits, bits, group=head_dim),
+        Setting("kivi", bits, bits, group=32),
+        Setting("tq", bits, bits),
+        Setting("tq-prod", bits, bits),
+    ]
+
+
+def with_options(setting: Setting, **changes) -> Setting:
+    return replace(setting, **changes)
+
+
+def describe_bytes(setting: Setting, head_dim: int, num_layers: int, tokens: int | None) -> str:
+    b = setting.bytes_per_token_per_head(head_dim, num_layers, tokens)
+    return f"{b:.1f} B ({setting.bits_per_coord(head_dim, num_layers, tokens):.2f} bits)"
+
+
+def settings_from(specs: Iterable[str]) -> list[Setting]:
+    return [parse_setting(s) for s in specs]
+
+
+def fp16_bytes(head_dim: int) -> float:
+    return 4.0 * head_dim
+
+
+def ratio_to_fp16(setting: Setting, head_dim: int, num_layers: int = 1, tokens: int | None = None) -> float:
+    b = setting.bytes_per_token_per_head(head_dim, num_layers, tokens)
+    return fp16_bytes(head_dim) / b if b else math.inf

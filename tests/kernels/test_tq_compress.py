@@ -1,0 +1,148 @@
+"""tq_compress (Triton; CPU interpreter here) against core.kvcodec.compress_reference.
+
+Indices must agree except where a rotated coordinate lies within float rounding of a boundary (a tiny
+fraction, off by one at most); norms to float32 tolerance. Positions outside [offset, offset + S) are
+left untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from turboquant_vllm.core.kvcodec import compress_reference
+from turboquant_vllm.core.packing import unpack
+from turboquant_vllm.kernels import tq_compress as tqc
+from turboquant_vllm.kernels.tq_compress import tq_compress
+from turboquant_vllm.layout import Codecs, KVLayout
+
+_MAX_MISMATCH = 1e-3
+
+
+@functools.cache
+def _codecs(d: int, bits: int, device: str) -> Codecs:
+    return Codecs.build(KVLayout(d, bits, bits), seed=2, device=device)
+
+
+def _run(device, b, h, s, d, bits, dtype, offset=3, extra=4, x=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = _codecs(d, bits, device)
+    if x is None:
+        x = (torch.randn(b, h, s, d, generator=g) * 2 + torch.randn(b, h, 1, d, generator=g)).to(device, dtype)
+    mean = (torch.randn(b, h, d, generator=g) * 0.5).to(device)
+    cap = offset + s + extra
+    pk = torch.full((b, h, cap, d * bits // 8), 0xA5, dtype=torch.uint8, device=device)
+    nr = torch.full((b, h, cap), float("nan"), device=device)
+    tq_compress(x, mean, c.rotation, c.k_boundaries, bits, pk, nr, offset)
+    rp, rn = compress_reference(x, mean, c.rotation, c.k_boundaries, bits)
+    got = unpack(pk[:, :, offset : offset + s], bits, d).int()
+    want = unpack(rp, bits, d).int()
+    diff = (got - want).abs()
+    assert diff.max() <= 1, "an index is off by more than one"
+    assert diff.ne(0).float().mean() <= _MAX_MISMATCH, f"{diff.ne(0).float().mean():.2e} of indices differ"
+    torch.testing.assert_close(nr[:, :, offset : offset + s], rn, rtol=2e-6, atol=1e-6)
+    # untouched outside [offset, offset + S)
+    assert torch.all(pk[:, :, :offset] == 0xA5) and torch.all(pk[:, :, offset + s :] == 0xA5)
+    assert torch.isnan(nr[:, :, :offset]).all() and torch.isnan(nr[:, :, offset + s :]).all()
+    return pk, nr
+
+
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_matches_reference(device, d, bits):
+    _run(device, 2, 2, 19, d, bits, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [1, 5, 6, 7, 8])
+def test_other_bit_widths(device, bits):
+    _run(device, 1, 2, 17, 64, bits, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(device, dtype):
+    _run(device, 2, 2, 18, 128, 4, dtype)
+
+
+def test_decode_single_token(device):
+    _run(device, 3, 2, 1, 128, 3, torch.float16, offset=37)
+
+
+def test_long_sequence_several_tiles(device):
+    _run(device, 1, 1, 70, 64, 4, torch.float32, offset=0, extra=0)
+
+
+def test_noncontiguous_input(device):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 21, 3, 96, generator=g).to(device).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
+    _run(device, 2, 3, 21, 96, 3, torch.float32, x=x)
+
+
+def test_strided_outputs(device):
+    """out_packed / out_norms as permuted views ([B, cap, H, ...] storage)."""
+    c = _codecs(64, 3, device)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 5, 64, generator=g).to(device)
+    mean = torch.randn(2, 3, 64, generator=g).to(device)
+    pk = torch.zeros(2, 9, 3, 24, dtype=torch.uint8, device=device).transpose(1, 2)
+    nr = torch.zeros(2, 9, 3, device=device).transpose(1, 2)
+    tq_compress(x, mean, c.rotation, c.k_boundaries, 3, pk, nr, 2)
+    rp, rn = compress_reference(x, mean, c.rotation, c.k_boundaries, 3)
+    assert (unpack(pk[:, :, 2:7], 3, 64).int() - unpack(rp, 3, 64).int()).ne(0).float().mean() <= _MAX_MISMATCH
+    torch.testing.assert_close(nr[:, :, 2:7], rn, rtol=2e-6, atol=1e-6)
+    assert torch.all(pk[:, :, :2] == 0) and torch.all(pk[:, :, 7:] == 0)
+
+
+def test_zero_residual_token(device):
+    """x == mean gives norm 0 and the same indices as the reference."""
+    c = _codecs(64, 4, device)
+    mean = torch.randn(1, 1, 64, device=device)
+    x = torch.cat([mean.unsqueeze(2), torch.randn(1, 1, 2, 64, device=device)], dim=2)
+    pk = torch.zeros(1, 1, 3, 32, dtype=torch.uint8, device=device)
+    nr = torch.zeros(1, 1, 3, device=device)
+    tq_compress(x, mean, c.rotation, c.k_boundaries, 4, pk, nr, 0)
+    rp, rn = compress_reference(x, mean, c.rotation, c.k_boundaries, 4)
+    assert nr[0, 0, 0] == 0
+    assert torch.equal(pk[:, :, 0], rp[:, :, 0])
+
+
+def test_pytorch_path(device, monkeypatch):
+    monkeypatch.setattr(tqc, "use_triton", lambda *t: False)
+    _run(device, 2, 2, 9, 64, 3, torch.float32)
+
+
+def _bad_inputs(device):
+    c = _codecs(64, 4, device)
+    x = torch.randn(2, 2, 3, 64, device=device)
+    mean = torch.zeros(2, 2, 64, device=device)
+    pk = torch.zeros(2, 2, 8, 32, dtype=torch.uint8, device=device)
+    nr = torch.zeros(2, 2, 8, device=device)
+    return [x, mean, c.rotation, c.k_boundaries, 4, pk, nr, 0]
+
+
+BAD = {
+    "x-int": (0, lambda a: a.long(), TypeError, "x"),
+    "x-3d": (0, lambda a: a[0], ValueError, "x"),
+    "mean-shape": (1, lambda a: a[:1], ValueError, "mean"),
+    "mean-dtype": (1, lambda a: a.half(), TypeError, "mean"),
+    "rotation-shape": (2, lambda a: a[:32, :32], ValueError, "rotation"),
+    "boundaries-len": (3, lambda a: a[:7], ValueError, "boundaries"),
+    "bits-range": (4, lambda a: 9, ValueError, "bits"),
+    "bits-type": (4, lambda a: 4.0, TypeError, "bits"),
+    "packed-last-dim": (5, lambda a: a[..., :16], ValueError, "out_packed"),
+    "packed-dtype": (5, lambda a: a.int(), TypeError, "out_packed"),
+    "norms-shape": (6, lambda a: a[:, :, :4], ValueError, "out_norms"),
+    "offset-overflow": (7, lambda a: 6, ValueError, "capacity"),
+    "offset-negative": (7, lambda a: -1, ValueError, "capacity"),
+    "offset-type": (7, lambda a: 1.0, TypeError, "offset"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_inputs_raise(device, case):
+    pos, change, exc, match = BAD[case]
+    args = _bad_inputs(device)
+    args[pos] = change(args[pos])
+    with pytest.raises(exc, match=match):
+        tq_compress(*args)

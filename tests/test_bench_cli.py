@@ -1,0 +1,97 @@
+"""`turboquant-vllm bench`: the CLI parses, --help works, and benchmarks/generate.py --smoke runs end to end on CPU."""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from turboquant_vllm.cli import bench
+from turboquant_vllm.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench")
+    bench.add_arguments(p)
+    return p
+
+
+def test_bench_help_lists_both_benchmarks(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "attention" in out and "generate" in out
+
+
+@pytest.mark.parametrize("name", ["attention", "generate"])
+def test_every_option_reaches_the_script(name):
+    argv = ["--quick", "--json", "r.json", "--cases", "fused:b16:*", "-h"]
+    args = _parser().parse_args([name, *argv])
+    assert args.bench_script == name and args.script_args == argv
+    assert _parser().parse_args([name]).script_args == []
+
+
+def test_the_scripts_are_found_in_the_checkout():
+    assert bench.find_script("generate") == ROOT / "benchmarks" / "generate.py"
+
+
+def test_generate_help_is_the_scripts_own(capsys):
+    assert main(["bench", "generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in ("--smoke", "--quick", "--json", "--out-dir", "--cases"):
+        assert opt in out
+    assert "turboquant-vllm bench generate" in out
+
+
+def test_bad_option_is_a_usage_error(capsys):
+    assert main(["bench", "generate", "--no-such-option"]) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_clear_error_without_the_repository(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "candidate_dirs", lambda: [tmp_path / "benchmarks"])
+    assert main(["bench", "generate", "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "source repository" in err and bench.ENV_DIR in err
+
+
+def test_generate_smoke_runs_end_to_end(tmp_path, capsys):
+    out_json = tmp_path / "generate_smoke.json"
+    t0 = time.perf_counter()
+    rc = main(["bench", "generate", "--smoke", "--no-progress", "--json", str(out_json), "--out-dir", str(tmp_path)])
+    elapsed = time.perf_counter() - t0
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout[-3000:]
+    print(f"--smoke took {elapsed:.1f} s")
+    assert elapsed < 60, f"--smoke took {elapsed:.0f} s"
+
+    res = json.loads(out_json.read_text())
+    assert (tmp_path / "generate.json").is_file() and (tmp_path / "generate.md").is_file()
+    assert res["env"]["device"] == "cpu" and res["env"]["mode"] == "smoke"
+
+    check = res["check"]
+    assert check["passed"] is True and check["rel_err"] < 2e-2 and check["fused_mode"] is True, check
+
+    rows = res["rows"]
+    assert not [r for r in rows if r.get("error")], rows
+    variants = {(r["variant"], r["B"]) for r in rows}
+    for b in (1, 2):
+        assert {("exact", b), ("fused", b), ("unfused", b)} <= variants
+    for r in rows:
+        assert r["tok_s"] > 0 and r["kv_bytes"] > 0
+        if r["variant"] != "exact":
+            assert r["kv_x"] > 3.5  # fp32 tiny model: 512 vs 72 bytes per token and head
+    # the smoke's byte budget cuts the layers of the largest case, which then also runs with all of them
+    cut = [r for r in rows if r["B"] == 2 and r["variant"] != "fused_full"]
+    assert cut and all(r["layers"] == 1 for r in cut)
+    assert any(r["variant"] == "fused_full" and r["layers"] == 2 for r in rows)
+
+    mb = res["maxbatch"]
+    assert mb["exact"]["B"] >= 1 and mb["fused"]["B"] >= 3 * mb["exact"]["B"], mb
+    assert "TARGET" in stdout and "CHECK" in stdout
+    # the compact table comes last
+    assert stdout.rstrip().splitlines()[-1].startswith(("total time", "NOTE", "ERRORS", "SMOKE", "TARGET"))

