@@ -22,7 +22,9 @@ from turboquant_vllm.quality import assets
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", help=f"models ({', '.join(assets.MODELS)}) and texts ({', '.join(assets.TEXTS)})")
+    p.add_argument(
+        "names", nargs="*", help=f"models ({', '.join(assets.MODELS)}) and texts ({', '.join(assets.TEXTS)})"
+    )
     p.add_argument("--all", action="store_true", help="every model, the large ones included")
     p.add_argument("--list", action="store_true", help="list what can be fetched and what is cached")
     args = p.parse_args(argv)

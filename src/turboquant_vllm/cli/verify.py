@@ -40,8 +40,11 @@ def _floats(s: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and text")
-    g.add_argument("--model", default="smollm2-135m",
-                   help="registry name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local dir or hub id")  # fmt: skip
+    g.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="registry name (smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local dir or hub id",
+    )
     g.add_argument("--gguf", help="GGUF file name inside a local --model directory")
     g.add_argument("--text", default="lee", help="lee (news prose), pydoc (prose + code) or a text file path")
     g.add_argument("--tokens", type=int, default=1024, help="tokens of text for perplexity (default 1024)")
@@ -56,9 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-layers", default="", help="layers kept exact, e.g. 0,29 (bytes counted)")
     g.add_argument("--no-center-keys", action="store_true", help="turn key centring off")
     g.add_argument("--center-values", action="store_true", help="centre values too")
-    g.add_argument("--settings", nargs="*", default=[],
-                   help="more settings to compare, e.g. tq:k=5,v=3 tq:bits=4,sink=4 int:bits=4,group=64 fp8 kivi:bits=4 "
-                        "tq-prod:bits=4 (see quality/baselines.py)")  # fmt: skip
+    g.add_argument(
+        "--settings",
+        nargs="*",
+        default=[],
+        help="more settings to compare, e.g. tq:k=5,v=3 tq:bits=4,sink=4 int:bits=4,group=64 fp8 kivi:bits=4 "
+        "tq-prod:bits=4 (see quality/baselines.py)",
+    )
     g.add_argument("--baselines", action="store_true", help="add fp16, fp8, Hadamard+int, KIVI, TurboQuant Prod")
     g = p.add_argument_group("metrics")
     g.add_argument("--agreement-tokens", type=int, default=256, help="greedy tokens for agreement (0: skip)")
@@ -69,8 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verdict and output")
     g.add_argument("--threshold", type=float, help="max perplexity increase in %%; exit 1 when not met")
     g.add_argument("--min-agreement", type=float, help="min greedy agreement (0..1); exit 1 when not met")
-    g.add_argument("--recommend", action="store_true",
-                   help="measure TurboQuant K/V bit mixes; propose the cheapest meeting --threshold (default 1%%)")  # fmt: skip
+    g.add_argument(
+        "--recommend",
+        action="store_true",
+        help="measure TurboQuant K/V bit mixes; propose the cheapest meeting --threshold (default 1%%)",
+    )
     g.add_argument("--json", help="write every measurement to this JSON file")
     g.add_argument("--plot", help="write a PNG: per-layer errors and perplexity change vs bits")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -147,10 +157,10 @@ def make_plot(path: str, result: dict) -> None:
     for r in rows:
         kind = r["setting"].split(" ")[0].rstrip("0123456789/gKV")
         marker = {"tq": "o", "tq-prod": "v", "int": "s", "kivi": "D", "fp": "*"}.get(kind, "x")
-        a2.scatter(r["bits"], max(r["ppl_change_pct"], 1e-3), marker=marker)
-        a2.annotate(r["setting"], (r["bits"], max(r["ppl_change_pct"], 1e-3)), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    a2.set_yscale("log")
+        a2.scatter(r["bits"], r["ppl_change_pct"], marker=marker)
+        a2.annotate(r["setting"], (r["bits"], r["ppl_change_pct"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    a2.set_yscale("symlog", linthresh=0.1)
     a2.set_xlabel("stored bits per coordinate (norms, scales, window, protected layers counted)")
     a2.set_ylabel("perplexity increase vs exact cache (%)")
     a2.set_title(f"{result['model']}: {result['tokens']} tokens, chunk {result['chunk']}")

