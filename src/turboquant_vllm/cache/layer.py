@@ -23,28 +23,10 @@ from ..core.codebook import check_bits
 from ..core.kvcodec import dequantize_reference
 from ..core.packing import check_packable_dim
 from ..core.rotation import ROTATIONS
+from ..kernels.tq_compress import tq_compress
 from ..layout import Codecs, CompressedKV, KVLayout
 
 _GROW_TOKENS = 64
-
-
-def tq_compress(*args) -> None:
-    """Fused compress kernel (kernels/tq_compress.py), PyTorch reference where it is not available yet."""
-    try:
-        from ..kernels.tq_compress import tq_compress as kernel
-    except ImportError:
-        kernel = _compress_reference_into
-    kernel(*args)
-
-
-def _compress_reference_into(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset):
-    from ..core.kvcodec import compress_reference
-
-    packed, norms = compress_reference(x, mean, rotation, boundaries, bits)
-    out_packed[:, :, offset : offset + x.shape[-2]] = packed
-    out_norms[:, :, offset : offset + x.shape[-2]] = norms
-
-
 VALIDATE_MODES = ("always", "prefill", "never")
 
 
