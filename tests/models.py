@@ -20,9 +20,7 @@ def tiny_llama(head_dim: int = 64, q_heads: int = 4, kv_heads: int = 2, layers: 
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_qwen2(
-    head_dim: int = 128, q_heads: int = 2, kv_heads: int = 1, layers: int = 2, seed: int = 0, **kw
-):
+def tiny_qwen2(head_dim: int = 128, q_heads: int = 2, kv_heads: int = 1, layers: int = 2, seed: int = 0, **kw):
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         vocab_size=96,

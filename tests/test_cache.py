@@ -81,9 +81,7 @@ def test_generate_with_cache_keyword_where_supported():
     ids, mask = left_padded_batch(lengths=(12, 9))
     cache, compressed = documented_cache(model, 64, bits=4)
     kwargs = cache_kwargs(model, cache)
-    assert list(kwargs) == [
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    ]
+    assert list(kwargs) == ["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"]
     model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **kwargs)
     assert compressed.get_compressed(1)[0].shape[2] == 15
 
@@ -104,9 +102,7 @@ def test_sampling_and_beam_search():
     ids, mask = left_padded_batch(lengths=(10, 8))
     cache, _ = documented_cache(model, 128, bits=4)
     torch.manual_seed(0)
-    out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=20, past_key_values=cache
-    )
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=20, past_key_values=cache)
     assert out.shape == (2, 15)
     cache, _ = documented_cache(model, 128, bits=8)
     beams = model.generate(
@@ -239,9 +235,7 @@ def test_bad_construction_and_update_inputs():
     with pytest.raises(ValueError, match="head_dim=64"):
         cache.update(torch.randn(1, 2, 3, 128), torch.randn(1, 2, 3, 128), 0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        cache.update(
-            torch.ones(1, 2, 3, 64, dtype=torch.int64), torch.ones(1, 2, 3, 64, dtype=torch.int64), 0
-        )
+        cache.update(torch.ones(1, 2, 3, 64, dtype=torch.int64), torch.ones(1, 2, 3, 64, dtype=torch.int64), 0)
     bad = torch.randn(1, 2, 3, 64)
     bad[0, 1, 2, 5] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -251,3 +245,16 @@ def test_bad_construction_and_update_inputs():
         cache.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64), 0)
     with pytest.raises(ValueError, match="differ"):
         cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 2, 64), 0)
+
+
+def test_per_layer_bits_and_mean_bytes():
+    model = tiny_llama(layers=3)
+    cache = TurboQuantCache(model.config, bits=3, layer_bits={0: (8, 8), 2: (4, 2)})
+    assert [(layer.layout.k_bits, layer.layout.v_bits) for layer in cache.layers] == [(8, 8), (3, 3), (4, 2)]
+    ids, mask = left_padded_batch(lengths=(16, 16))
+    model(ids, attention_mask=mask, past_key_values=cache)
+    stats = cache.compression_stats()
+    expected = ((64 + 64 + 8) + (24 + 24 + 8) + (32 + 16 + 8)) / 3 + 2 * 64 * 4 / 16  # + the two means per head
+    assert stats["mean_bytes_per_token_per_head"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="k_bits"):
+        TurboQuantCache(model.config, bits=3, layer_bits={0: (0, 8)})

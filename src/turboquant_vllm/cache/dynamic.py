@@ -11,8 +11,8 @@ tokens, so compressing them saves little and would cost quality. Layers listed i
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 
 import torch
 from transformers import DynamicCache
@@ -35,27 +35,54 @@ def compress_layers(
     head_dim: int,
     settings: TurboQuantSettings,
     skip_layers: Iterable[int] = (),
+    layer_bits: Mapping[int, tuple[int, int]] | None = None,
 ) -> Codecs:
     """Put CompressedLayer objects in place of the cache's full-attention DynamicLayers.
 
-    Layers that already hold tokens are compressed as they are. Returns the shared codecs.
+    skip_layers stay exact; layer_bits maps a layer index to its own (k_bits, v_bits). Layers that already
+    hold tokens are compressed as they are. Returns the codecs of the default bit widths.
     """
     if not isinstance(cache, DynamicCache):
         raise TypeError(f"cache must be a transformers DynamicCache, got {type(cache).__name__}")
-    layout = KVLayout(head_dim, settings.k_bits, settings.v_bits)
-    codecs = Codecs.build(layout, settings.seed, settings.rotation)
     skip = {int(i) for i in skip_layers}
-    make = functools.partial(CompressedLayer, head_dim, settings, codecs)
+    per_layer = {
+        int(i): (check_bits(kb, "k_bits"), check_bits(vb, "v_bits")) for i, (kb, vb) in (layer_bits or {}).items()
+    }
+    codecs_by_bits: dict[tuple[int, int], Codecs] = {}
+
+    def codecs_for(bits: tuple[int, int]) -> Codecs:
+        if bits not in codecs_by_bits:
+            codecs_by_bits[bits] = Codecs.build(KVLayout(head_dim, *bits), settings.seed, settings.rotation)
+        return codecs_by_bits[bits]
+
+    default_bits = (settings.k_bits, settings.v_bits)
+    codecs = codecs_for(default_bits)
+
+    def make(i: int) -> CompressedLayer:
+        bits = per_layer.get(i, default_bits)
+        layer_settings = dataclasses.replace(settings, k_bits=bits[0], v_bits=bits[1])
+        return CompressedLayer(head_dim, layer_settings, codecs_for(bits))
+
     for i, layer in enumerate(cache.layers):
         if i in skip or type(layer) is not DynamicLayer:
             continue
-        new = make()
+        new = make(i)
         if layer.is_initialized and layer.get_seq_length() > 0:
             new.update(layer.keys, layer.values)
         cache.layers[i] = new
     if cache.layer_class_to_replicate is not None:
         cache.layer_class_to_replicate = _LazyLayerFactory(make, skip, cache)
     return codecs
+
+
+def _mean_bytes_per_token_per_head(layers) -> float:
+    """Bytes actually used per token per KV head over compressed layers (window and means included)."""
+    per = [
+        layer.used_bytes() / (layer.get_seq_length() * layer.batch_size * layer.num_heads)
+        for layer in layers
+        if layer.is_initialized and layer.get_seq_length() > 0
+    ]
+    return sum(per) / len(per) if per else 0.0
 
 
 class _LazyLayerFactory:
@@ -66,9 +93,10 @@ class _LazyLayerFactory:
         self.fused = False
 
     def __call__(self):
-        if len(self.cache.layers) in self.skip:
+        i = len(self.cache.layers)
+        if i in self.skip:
             return DynamicLayer()
-        layer = self.make()
+        layer = self.make(i)
         layer.fused = self.fused
         return layer
 
@@ -139,6 +167,7 @@ class _CompressedCacheMixin:
             "compressed_layers": len(comp),
             "total_layers": len(self._cache.layers),
             "bytes_per_token_per_head": layout.bytes_per_token_per_head,
+            "mean_bytes_per_token_per_head": _mean_bytes_per_token_per_head(comp.values()),
             "compressed_bytes_used": used,
             "uncompressed_bytes_equivalent": unc,
             "vram_bytes": held,
@@ -153,6 +182,7 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
         config: the model config (or the model); gives head_dim and the layer types.
         bits: bits per coordinate for K and V (k_bits / v_bits override it).
         window: recent tokens kept in full precision. skip_layers: layer indices kept exact.
+        layer_bits: {layer index: (k_bits, v_bits)} for layers that need other widths (e.g. the first/last).
         seed, rotation, center_keys, center_values, validate: see TurboQuantSettings.
     """
 
@@ -165,6 +195,7 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
         v_bits: int | None = None,
         window: int = 0,
         skip_layers: Iterable[int] = (),
+        layer_bits: Mapping[int, tuple[int, int]] | None = None,
         seed: int = 0,
         rotation: str = "qr",
         center_keys: bool = True,
@@ -186,7 +217,8 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
         self._cache = self
         self.settings = settings
         self.skip_layers = tuple(sorted(int(i) for i in skip_layers))
-        self.codecs = compress_layers(self, head_dim_of(config), settings, self.skip_layers)
+        self.layer_bits = dict(layer_bits or {})
+        self.codecs = compress_layers(self, head_dim_of(config), settings, self.skip_layers, self.layer_bits)
         self.layout = self.codecs.layout
         self._fused_mode = False
 

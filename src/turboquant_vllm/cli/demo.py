@@ -8,6 +8,7 @@ Pass --model DIR (a local transformers model, or --gguf FILE inside DIR) for a r
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 

@@ -43,9 +43,7 @@ class Codebook:
 def check_bits(bits: int, name: str = "bits") -> int:
     """Validate a bit width (1..8) and return it as int."""
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(
-            f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {type(bits).__name__} {bits!r}"
-        )
+        raise TypeError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {type(bits).__name__} {bits!r}")
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
     return bits
@@ -88,9 +86,7 @@ def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
     centroids = 0.5 * (centroids - centroids.flip(0))
     for _ in range(_MAX_ITERS):
         bounds = 0.5 * (centroids[1:] + centroids[:-1])
-        cuts = torch.cat(
-            [torch.zeros(1, dtype=torch.long), torch.searchsorted(x, bounds), torch.tensor([x.numel()])]
-        )
+        cuts = torch.cat([torch.zeros(1, dtype=torch.long), torch.searchsorted(x, bounds), torch.tensor([x.numel()])])
         new = _cell_means(cw, cwx, cuts, fallback=centroids)
         new = 0.5 * (new - new.flip(0))  # the law is symmetric, so is its optimum
         shift = (new - centroids).abs().max().item()

@@ -68,9 +68,7 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
     if packed.shape[-1] != dim * bits // 8:
-        raise ValueError(
-            f"packed last dim must be head_dim * bits / 8 = {dim * bits // 8}, got {packed.shape[-1]}"
-        )
+        raise ValueError(f"packed last dim must be head_dim * bits / 8 = {dim * bits // 8}, got {packed.shape[-1]}")
     data = packed.to(torch.int32)
     idx = torch.zeros(*packed.shape[:-1], dim, dtype=torch.int32, device=packed.device)
     start = 0

@@ -87,9 +87,7 @@ class TurboQuantMSE:
         if indices.shape[-1] != self.dim:
             raise ValueError(f"indices must have last dim {self.dim}, got shape {tuple(indices.shape)}")
         if norms.shape != indices.shape[:-1]:
-            raise ValueError(
-                f"norms shape {tuple(norms.shape)} must equal indices.shape[:-1] {indices.shape[:-1]}"
-            )
+            raise ValueError(f"norms shape {tuple(norms.shape)} must equal indices.shape[:-1] {indices.shape[:-1]}")
         _, cents, _ = self._on(indices.device)
         y = cents[indices.long()]
         return (self.unrotate(y) * norms.float().unsqueeze(-1)).to(dtype)

@@ -93,9 +93,7 @@ def triton_fa_tq4_kv_forward(
             raise ValueError("fused TurboQuant attention needs module.layer_idx to find its cache layer")
         layer = tq_cache.layer(idx)
     if not isinstance(layer, CompressedLayer) or not layer.fused or layer.attend_compressed == 0:
-        return triton_fa_forward(
-            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
-        )
+        return triton_fa_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
 
     from ..kernels.tq_attention import tq_attention
 
@@ -153,9 +151,7 @@ def install_fused_tq4_kv(model, compressed) -> str:
     """
     config = _config_of(model)
     if not hasattr(compressed, "layer") or not hasattr(compressed, "fused_mode"):
-        raise TypeError(
-            f"compressed must be a CompressedDynamicCache or TurboQuantCache, got {type(compressed)}"
-        )
+        raise TypeError(f"compressed must be a CompressedDynamicCache or TurboQuantCache, got {type(compressed)}")
     current = getattr(config, "_attn_implementation", None)
     if isinstance(current, str) and current.startswith(_FUSED_PREFIX):
         uninstall_fused_tq4_kv(model)

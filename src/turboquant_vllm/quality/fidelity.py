@@ -78,7 +78,5 @@ def cache_fidelity(
         prefill=prefill,
         chunk=chunk,
     )
-    got = decode_logits(
-        model, input_ids, make_cache(), attention_mask=attention_mask, prefill=prefill, chunk=chunk
-    )
+    got = decode_logits(model, input_ids, make_cache(), attention_mask=attention_mask, prefill=prefill, chunk=chunk)
     return compare_logits(got, ref)
