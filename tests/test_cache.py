@@ -12,7 +12,16 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from tests.models import left_padded_batch, tiny_llama, tiny_qwen2
 from turboquant_vllm import CompressedDynamicCache, CompressedLayer, TurboQuantCache, cache_kwargs
 from turboquant_vllm.core.kvcodec import compress_reference, dequantize_reference
+from turboquant_vllm.kernels._common import pytorch_only
 from turboquant_vllm.quality.fidelity import cache_fidelity
+
+
+@pytest.fixture(autouse=True)
+def _cache_tests_use_the_pytorch_kernels():
+    """These tests exercise the cache; the kernels have their own interpreter tests (tests/kernels)."""
+    with pytorch_only():
+        yield
+
 
 # Teacher-forced decode fidelity of the logits (random-weight models; regression bounds, not quality claims).
 # Measured 2026-11-25 on the tiny models below: cosine 0.999 / 0.996 / 0.981 at 4 / 3 / 2 bits.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -25,9 +26,24 @@ def triton_available() -> bool:
     return True
 
 
+_pytorch_only = False
+
+
+@contextlib.contextmanager
+def pytorch_only():
+    """Inside this block every kernel entry point runs its PyTorch path (e.g. to keep CPU tests that
+    exercise the cache, not the kernels, out of the slow Triton interpreter)."""
+    global _pytorch_only
+    previous, _pytorch_only = _pytorch_only, True
+    try:
+        yield
+    finally:
+        _pytorch_only = previous
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Run the Triton kernel for these tensors? CUDA tensors, or any tensor when interpreting."""
-    if not triton_available():
+    if _pytorch_only or not triton_available():
         return False
     if all(t.is_cuda for t in tensors):
         return True
