@@ -14,55 +14,56 @@ Both return ``[B, Sq, Hq, D]`` in the query dtype and equal (up to rounding) "de
 
 Math (docs/LAYOUT.md). With ``q_rot = q @ Pi.T`` the score of compressed key n is
 ``scale * (<q, k_mean> + k_norm[n] * <q_rot, centroids_k[idx_n]>)``; the ``<q, k_mean>`` term is kept
-(one float per query row, computed once) because compressed and exact keys share one softmax. Values
-are accumulated in the rotated space: ``acc_rot = sum_n p_n v_norm_n centroids_v[vidx_n]``; the output
-of the compressed part is ``acc_rot @ Pi + (sum_n p_n) * v_mean``. The exact segment is attended in
-the original space (no rotation of exact keys) and merged in the reduction.
+(one float per query row) because compressed and exact keys share one softmax. Values are accumulated
+in the rotated space: ``acc_rot = sum_n p_n v_norm_n centroids_v[vidx_n]``; the compressed part's output
+is ``acc_rot @ Pi + (sum_n p_n) * v_mean``. The exact segment is attended in the original space.
 
-Pipeline (3 launches for any call, decode included):
-  1. ``_tq_qrot_kernel``   grid (MP / 16, B*Hkv): ``q_rot = q @ Pi.T`` and ``<q, k_mean>``, both pre-scaled
-     by ``scale * log2(e)``, into a small scratch (rows of one GQA group packed as r = g * Sq + s);
-     program (0, 0) also writes the K/V codebooks in the compute dtype (gathered per element below).
-  2. ``_tq_attn_kernel``   grid (row blocks, NS_C + NS_E, B*Hkv): flash-decoding. Program (mb, split, bh)
-     takes the BLOCK_M query rows ``mb`` of the whole GQA group of kv head bh, so every compressed
-     tile is read once per group. Splits ``< NS_C`` walk a chunk of compressed tokens and build the
-     [BLOCK_N, D] centroid tile in registers (``_dequant_tile``), then ``tl.dot`` for the scores (norms
-     applied to the [M, N] score tile) and for P @ V (P pre-multiplied by the value norms). Tile
-     building: 4-bit (and 2-bit) K/V in fp16/bf16 load the [BLOCK_N, D/2] ([BLOCK_N, D/4]) packed bytes
-     with 16-byte loads and gather, per byte, both (all four) centroids from a 256-entry int32 (int64)
-     table, so positions 2j, 2j+1 of the tile hold coordinates j, j + D/2 (4j + t: j + t D/4); q_rot
-     is written in that permuted order and the back-rotation reads Pi's rows permuted likewise. Other
-     bit widths (and fp32) unpack every coordinate (plane byte + shift + mask, docs/LAYOUT.md) and
-     gather one centroid from the (L1-resident) codebook in the compute dtype. Splits ``>= NS_C`` walk
-     a chunk of the exact segment in the original space with bottom-right causal masking. Each split
-     writes float32 partials (m, l, acc) in base 2.
-  3. ``_tq_reduce_kernel`` grid (cdiv(G*Sq, 16), B*Hkv): merges the partials, rotates the compressed
-     accumulator back once (``@ Pi``), adds ``l_c * v_mean`` and the exact accumulators, divides by l,
-     writes ``[B, Sq, Hq, D]`` (any strides) in the query dtype.
+Pipeline: 2 launches for any call, decode included.
+  1. ``_tq_attn_kernel``   grid (row blocks, NS_C + NS_E, B*Hkv): flash-decoding. Program (mb, split, bh)
+     takes BLOCK_M query rows of the whole GQA group of kv head bh (rows r = g * Sq + s), so every
+     compressed tile is read once per group.
+     Splits ``< NS_C`` walk a chunk of compressed tokens:
+       prologue: ``q_rot = q @ Pi.T`` (tl.dot on Pi from L2, tf32 / 3xTF32 for float32) and ``<q, k_mean>``,
+       pre-scaled by ``scale * log2(e)``, kept in registers as P_K slices (below).
+       loop: per tile of BLOCK_N tokens, each plane of the packed K (then V) bytes is loaded ONCE as a
+       ``[BLOCK_N, W]`` uint8 tile with 16-byte vector loads; the head dim is processed as P slices of
+       width W = D / P (P = 2 at 4 bits, 4 at 2 / 3 bits; ``_num_slices``), so every slice's indices are a
+       shift and mask of those tiles (docs/LAYOUT.md: at 4 bits the low nibbles of the ``[BLOCK_N, D/2]``
+       tile are coordinates ``[0, D/2)``, the high nibbles ``[D/2, D)``); centroids come from a <= 32-byte
+       codebook table in the compute dtype (one L1 line: one wavefront per gather). One ``tl.dot`` per
+       slice: ``scores += q_rot_s @ khat_s^T``; ``acc_s += (p * v_norm) @ vhat_s`` (P accumulators).
+       Natural coordinate order everywhere (no permutation).
+       epilogue: the partial output is rotated back in place (``acc @ Pi``, tf32 / 3xTF32) and
+       ``l * v_mean`` is added, so every split's partial is in the original space.
+     Splits ``>= NS_C`` walk a chunk of the exact segment in the original space with bottom-right causal
+     masking. Every split writes float32 partials (m, l in base 2, unnormalised acc) to one workspace.
+  2. ``_tq_reduce_kernel`` grid (row tiles, column blocks): merges the NS partials of each output row with
+     all splits loaded at once (no serial chain of loads), divides by l, writes ``[B, Sq, Hq, D]`` (any
+     strides) in the query dtype. A few microseconds at decode sizes.
   Decode (G * Sq <= 128 rows, 64 for head_dim 256) uses one row block and splits the KV length over
-  programs (target: 2 programs per SM). The split count comes from host-side numbers only: B*Hkv, the
-  SM count and the token bound (``kv.length``, a host int, in the dense path; ``max_blocks *
-  block_size`` in the paged path, whose per-sequence lengths are read on the device). No ``.item()``,
-  ``.tolist()`` or other host sync in the launch path: the paged call is CUDA-graph capturable.
-  Chunked prefill (more rows) tiles the rows in blocks of 128 (64 for head_dim 256); splits then
-  shrink to about one per segment.
+  programs (``_num_splits``: about 2-3 resident programs per SM, chunk >= 128 tokens). The split count
+  comes from host-side numbers only: B*Hkv, the SM count and the token bound (``kv.length``, a host int,
+  in the dense path; ``max_blocks * block_size`` in the paged path, whose per-sequence lengths are read
+  on the device). No ``.item()``, ``.tolist()`` or other host sync in the launch path: the paged call is
+  CUDA-graph capturable. Chunked prefill (more rows) tiles the rows in blocks of 128 (64 for head_dim
+  256); splits then shrink to about one per segment.
 
 Bytes read per decode step, per token and per KV head (the roofline's numerator):
   compressed token: ``D * (k_bits + v_bits) / 8 + 8`` (packed K and V indices + two float32 norms);
   head_dim 128: TQ4 136 B, K4/V3 120 B, TQ3 104 B, TQ2 72 B (fp16 K/V: 512 B). The paged variant adds
   ``4 / block_size`` B of block table. Exact token: ``2 * D * itemsize`` B.
-  Per (batch, kv head) and call, independent of the length: q (G*Sq*D*itemsize), Pi (D*D*4 from L2, in
-  the rotation and reduction programs), means (2*D*4), and per split the float32 partials
-  (G*Sq rows padded to >= 16, (D + 2) * 4 B each) written once and read once.
+  Per program, independent of the length: q (BLOCK_M*D*itemsize), Pi twice (2*D*D*4 from L2), means
+  (2*D*4), and the float32 partials ((D + 2) * 4 B per row) written once and read once.
 
 Tiles: BLOCK_M = max(16, next_pow2(G * Sq)) rows (decode) or 128 / 64 (prefill); BLOCK_N (autotuned on
-GPU: 32 / 64 / 128 tokens, 4 / 8 warps; 16 under the interpreter); the head dim is padded to HEAD_DP =
-next_pow2(D) with masks. Chunk of tokens per split: a multiple of 128 (of 16 under the interpreter).
+GPU: 32 / 64 / 128 tokens, 4 / 8 warps; 16 under the interpreter). Slice widths are padded to a power of
+two >= 16 with masks (head_dim 96: W = 48 -> 64). Chunk of tokens per split: a multiple of 128 (16 under
+the interpreter).
 
-Supported in the kernels: bits 1..8 for K and V independently (every plane layout of core/packing.py),
-head_dim up to 256 (any multiple of 8; non-powers of two padded with masks), any GQA ratio, fp16 / bf16 /
-fp32. head_dim > 256 falls back to the PyTorch path. CPU tensors use the PyTorch path unless the Triton
-interpreter is on (tests).
+Supported in the kernels: bits 1..8 for K and V independently (every plane layout of core/packing.py;
+2, 3 and 4 are the fast ones), head_dim up to 256 (any multiple of 8; non-powers of two padded with
+masks), any GQA ratio, fp16 / bf16 / fp32. head_dim > 256 falls back to the PyTorch path. CPU tensors use
+the PyTorch path unless the Triton interpreter is on (tests).
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ __all__ = ["tq_attention", "tq_attention_paged"]
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
 _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
-_REDUCE_ROWS = 16  # rows per reduction / rotation program (minimum tl.dot M)
 _MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2
 
 
@@ -92,167 +92,101 @@ _MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2
 
 
 @triton.jit
-def _plane_bits(row_ptrs, d, ld_mask, stride_byte, W: tl.constexpr, R: tl.constexpr, START: tl.constexpr,
-                LOW: tl.constexpr):  # fmt: skip
-    """Bits of one plane (width W, R bytes, at byte START) for head-dim coordinates d, shifted to LOW.
+def _slice_vals(t8, t4, t2, t1, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                SW: tl.constexpr, WP: tl.constexpr):  # fmt: skip
+    """centroids[idx] of slice S (coordinates S * SW + j, j < SW) as a [BLOCK_N, WP] tile in the table's dtype.
 
-    Coordinate c of the plane sits in byte START + c mod R at bit W * (c div R) (core/packing.py).
-    row_ptrs [BLOCK_N, 1] uint8 pointers to each token's packed row; returns int32 [BLOCK_N, len(d)].
+    t8 / t4 / t2 / t1: the plane tiles of _load_planes (unused planes: anything). A plane of width w and
+    R = HEAD_DIM * w / 8 bytes holds coordinate c in byte c mod R at bit w * (c div R) (core/packing.py);
+    its tile column j holds byte j mod R, so slice S's field is one constant shift when R == SW (the
+    widest plane) and a per-column shift w * (S * SW / R + j div R) otherwise. The first plane holds the
+    lowest bits.
     """
-    byte = START + d % R
-    shift = W * (d // R)
-    v = tl.load(row_ptrs + (byte * stride_byte)[None, :], mask=ld_mask, other=0).to(tl.int32)
-    return ((v >> shift[None, :]) & ((1 << W) - 1)) << LOW
-
-
-@triton.jit
-def _unpack_idx(row_ptrs, d, ld_mask, stride_byte, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DP: tl.constexpr):  # fmt: skip
-    """Codebook indices int32 [BLOCK_N, HEAD_DP] of BLOCK_N packed tokens (0 where ld_mask is False).
-
-    Planes, widest first and lowest bits first: 8 -> [8]; otherwise the set bits of BITS among 4, 2, 1.
-    The plane of width w starts at byte (BITS & ~(2w - 1)) * HEAD_DIM / 8 and holds bits from
-    BITS & ~(2w - 1) (the widths before it).
-    """
-    idx = tl.zeros([BLOCK_N, HEAD_DP], dtype=tl.int32)
+    j = tl.arange(0, WP)
     if BITS == 8:
-        idx += _plane_bits(row_ptrs, d, ld_mask, stride_byte, 8, HEAD_DIM, 0, 0)
-    if (BITS & 4) != 0:
-        idx += _plane_bits(row_ptrs, d, ld_mask, stride_byte, 4, HEAD_DIM // 2, 0, 0)
-    if (BITS & 2) != 0:
-        idx += _plane_bits(row_ptrs, d, ld_mask, stride_byte, 2, HEAD_DIM // 4,
-                           (BITS & 4) * HEAD_DIM // 8, BITS & 4)  # fmt: skip
-    if (BITS & 1) != 0:
-        idx += _plane_bits(row_ptrs, d, ld_mask, stride_byte, 1, HEAD_DIM // 8,
-                           (BITS & 6) * HEAD_DIM // 8, BITS & 6)  # fmt: skip
-    return idx
-
-
-@triton.jit
-def _coord_of(p, FIELDS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Head-dim coordinate held at kernel position p of a dequantized tile (see _dequant_tile)."""
-    return p // FIELDS + (p % FIELDS) * (HEAD_DIM // FIELDS)
-
-
-@triton.jit
-def _bits16(x, cdt: tl.constexpr):
-    """float32 -> the 16-bit pattern of x in cdt, as a non-negative int32."""
-    return x.to(cdt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-
-
-@triton.jit
-def _build_table(c_ptr, tab_ptr, LEVELS: tl.constexpr, FIELDS: tl.constexpr, cdt: tl.constexpr):
-    """Codebook table read by _dequant_tile. FIELDS = 1: the centroids in cdt. FIELDS = 2 (4 bits):
-    int32 [256], entry b = bits(c[b & 15]) | bits(c[b >> 4]) << 16. FIELDS = 4 (2 bits): int64 [256],
-    field t (16 bits at 16 t) = bits(c[(b >> 2 t) & 3])."""
-    if FIELDS == 1:
-        lv = tl.arange(0, LEVELS)
-        tl.store(tab_ptr + lv, tl.load(c_ptr + lv).to(cdt))
-    elif FIELDS == 2:
-        b = tl.arange(0, 256)
-        lo = _bits16(tl.load(c_ptr + (b & 15)), cdt)
-        hi = _bits16(tl.load(c_ptr + (b >> 4)), cdt)
-        tl.store(tab_ptr + b, lo | (hi << 16))
+        idx = t8
     else:
-        b = tl.arange(0, 256)
-        e = tl.zeros([256], dtype=tl.int64)
-        for t in tl.static_range(4):
-            e = e | (_bits16(tl.load(c_ptr + ((b >> (2 * t)) & 3)), cdt).to(tl.int64) << (16 * t))
-        tl.store(tab_ptr + b, e)
+        idx = 0
+        if (BITS & 4) != 0:
+            if SW == HEAD_DIM // 2:
+                f = (t4 >> (4 * S)) & 15
+            else:
+                f = (t4 >> (4 * (S * (SW // (HEAD_DIM // 2)) + j // (HEAD_DIM // 2)))[None, :]) & 15
+            idx = f
+        if (BITS & 2) != 0:
+            if SW == HEAD_DIM // 4:
+                f = (t2 >> (2 * S)) & 3
+            else:
+                f = (t2 >> (2 * (S * (SW // (HEAD_DIM // 4)) + j // (HEAD_DIM // 4)))[None, :]) & 3
+            idx = idx | (f << (BITS & 4))
+        if (BITS & 1) != 0:
+            if SW == HEAD_DIM // 8:
+                f = (t1 >> S) & 1
+            else:
+                f = (t1 >> (S * (SW // (HEAD_DIM // 8)) + j // (HEAD_DIM // 8))[None, :]) & 1
+            idx = idx | (f << (BITS & 6))
+    return tl.load(tab_ptr + idx)
 
 
 @triton.jit
-def _dequant_tile(row_ptrs, nmask, stride_byte, tab_ptr, cdt: tl.constexpr, BITS: tl.constexpr,
-                  FIELDS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DP: tl.constexpr):  # fmt: skip
-    """centroids[idx] of BLOCK_N packed tokens as a [BLOCK_N, HEAD_DP] tile in the compute dtype.
+def _load_planes(row_ptrs, nmask, stride_byte, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, SW: tl.constexpr,
+                 WP: tl.constexpr):  # fmt: skip
+    """Each plane of BLOCK_N packed rows, loaded once, as int32 [BLOCK_N, WP] tiles (t8, t4, t2, t1).
 
-    FIELDS = 1 (any bits): position p = coordinate p; per element a shift/mask unpack and a gather.
-    FIELDS = 2 (4 bits, 16-bit dtypes): byte j holds coordinates j and j + D/2; one int32 gather per
-    byte returns both centroids, placed at positions 2j and 2j + 1.
-    FIELDS = 4 (2 bits, 16-bit dtypes): byte j holds j + t D/4 (t < 4); one int64 gather, positions 4j + t.
-    I.e. position p holds coordinate _coord_of(p) = p // F + (p % F) * D / F; q_rot (scores) and the
-    back-rotation (values) use the same permutation. Positions >= HEAD_DIM hold junk (masked elsewhere).
+    Planes (core/packing.py): 8 -> [8]; else the set bits of BITS among 4, 2, 1, widest first, starting at
+    byte (BITS & ~(2w - 1)) * HEAD_DIM / 8. A plane's R bytes divide the slice width SW; tile column j < SW
+    holds byte j mod R: SW / R contiguous runs (one for the widest plane), i.e. 16-byte vector loads.
+    Columns >= SW and rows outside nmask are 0; absent planes are returned as nmask.
     """
-    if FIELDS == 1:
-        d = tl.arange(0, HEAD_DP)
-        idx = _unpack_idx(row_ptrs, d, nmask[:, None] & (d < HEAD_DIM)[None, :], stride_byte, BITS, HEAD_DIM,
-                          BLOCK_N, HEAD_DP)  # fmt: skip
-        tile = tl.load(tab_ptr + idx)
-    elif FIELDS == 2:
-        j = tl.arange(0, HEAD_DP // 2)
-        byt = tl.load(row_ptrs + (j * stride_byte)[None, :], mask=nmask[:, None] & (j < HEAD_DIM // 2)[None, :],
-                      other=0).to(tl.int32)  # fmt: skip
-        pr = tl.load(tab_ptr + byt)
-        lo = (pr & 0xFFFF).to(tl.int16)
-        hi = (pr >> 16).to(tl.int16)
-        tile = tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DP]).to(cdt, bitcast=True)
+    j = tl.arange(0, WP)
+    lmask = nmask[:, None] & (j < SW)[None, :]
+    t8 = nmask
+    t4 = nmask
+    t2 = nmask
+    t1 = nmask
+    if BITS == 8:
+        t8 = tl.load(row_ptrs + (j * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
     else:
-        j = tl.arange(0, HEAD_DP // 4)
-        byt = tl.load(row_ptrs + (j * stride_byte)[None, :], mask=nmask[:, None] & (j < HEAD_DIM // 4)[None, :],
-                      other=0).to(tl.int32)  # fmt: skip
-        qd = tl.load(tab_ptr + byt)
-        w0 = (qd & 0xFFFF).to(tl.int16)
-        w1 = ((qd >> 16) & 0xFFFF).to(tl.int16)
-        w2 = ((qd >> 32) & 0xFFFF).to(tl.int16)
-        w3 = ((qd >> 48) & 0xFFFF).to(tl.int16)
-        tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_N, HEAD_DP]).to(cdt, bitcast=True)
-    return tile
+        if (BITS & 4) != 0:
+            off = j % (HEAD_DIM // 2)
+            t4 = tl.load(row_ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
+        if (BITS & 2) != 0:
+            off = (BITS & 4) * HEAD_DIM // 8 + j % (HEAD_DIM // 4)
+            t2 = tl.load(row_ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
+        if (BITS & 1) != 0:
+            off = (BITS & 6) * HEAD_DIM // 8 + j % (HEAD_DIM // 8)
+            t1 = tl.load(row_ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
+    return t8, t4, t2, t1
 
 
 @triton.jit
-def _tq_qrot_kernel(
-    q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
-    pi_ptr, stride_pr, stride_pc,
-    km_ptr, stride_kmb, stride_kmh, stride_kmd,
-    qr_ptr, qkm_ptr,
-    kc_ptr, vc_ptr, ktab_ptr, vtab_ptr,
-    HKV, SQ, M_TOTAL, MP, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, K_LEVELS: tl.constexpr, V_LEVELS: tl.constexpr,
-    K_FIELDS: tl.constexpr, V_FIELDS: tl.constexpr,
-):  # fmt: skip
-    """Rotate and pre-scale the queries of one GQA group; program (0, 0) also converts the codebooks.
+def _rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, S: tl.constexpr, SW: tl.constexpr,
+               WP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """float32 [BLOCK_M, WP]: column j < SW is (q @ Pi.T)[:, S * SW + j] (q rows at q_off; padded columns 0)."""
+    j = tl.arange(0, WP)
+    jm = j < SW
+    acc = tl.zeros([BLOCK_M, WP], dtype=tl.float32)
+    for kc in tl.static_range(HEAD_DP // BLOCK_K):
+        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = k < HEAD_DIM
+        qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        # pit[k, j] = Pi[S * SW + j, k]
+        pit = tl.load(pi_ptr + ((S * SW + j) * stride_pr)[None, :] + (k * stride_pc)[:, None],
+                      mask=km[:, None] & jm[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(qc, pit, acc, input_precision=PREC)
+    return acc
 
-    q    [B, Hq, Sq, D]          fp16/bf16/fp32   strides (stride_qb, stride_qh, stride_qs, stride_qd)
-    pi   [D, D]                  float32          strides (stride_pr, stride_pc); x_rot = x @ Pi.T
-    km   [B or 1, Hkv, D]        float32          strides (stride_kmb (0 to broadcast), stride_kmh, stride_kmd)
-    qr   [B*Hkv, MP, HEAD_DP]    query dtype      contiguous; row r = g * Sq + s of kv head bh, pad rows/cols 0;
-                                                  position p holds rotated coordinate _coord_of(p, K_FIELDS)
-    qkm  [B*Hkv, MP]             float32          contiguous; scale * log2(e) * <q, k_mean>
-    kc, vc [K_LEVELS], [V_LEVELS] float32         contiguous centroids
-    ktab, vtab                                    contiguous tables built from kc / vc (_build_table): query
-                                                  dtype [LEVELS] (FIELDS 1), int32 [256] (2), int64 [256] (4)
-    Grid (MP / BLOCK_M, B * Hkv).
-    """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    if (pid_m == 0) & (bh == 0):
-        _build_table(kc_ptr, ktab_ptr, K_LEVELS, K_FIELDS, qr_ptr.dtype.element_ty)
-        _build_table(vc_ptr, vtab_ptr, V_LEVELS, V_FIELDS, qr_ptr.dtype.element_ty)
-    b = bh // HKV
-    kvh = bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M_TOTAL
-    g = rows // SQ
-    s = rows % SQ
-    h = kvh * GROUP + g
-    d = tl.arange(0, HEAD_DP)
-    dmask = d < HEAD_DIM
-    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + s.to(tl.int64) * stride_qs
-    q = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
-                other=0.0).to(tl.float32)  # fmt: skip
-    km = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + d * stride_kmd, mask=dmask, other=0.0)
-    qkm = tl.sum(q * km[None, :], axis=1) * qk_scale
-    row_lin = bh.to(tl.int64) * MP + rows
-    tl.store(qkm_ptr + row_lin, qkm)
-    for cb in tl.static_range(HEAD_DP // BLOCK_C):
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        # pit[k, c] = Pi[coord(c), k]: q_rot in the kernel's (permuted) position order
-        pit = tl.load(pi_ptr + (_coord_of(c, K_FIELDS, HEAD_DIM) * stride_pr)[None, :] + (d * stride_pc)[:, None],
-                      mask=dmask[:, None] & (c < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
-        y = tl.dot(q, pit, input_precision=DOT_PREC) * qk_scale
-        tl.store(qr_ptr + row_lin[:, None] * HEAD_DP + c[None, :], y.to(qr_ptr.dtype.element_ty))
+
+@triton.jit
+def _unrot_slice(o, acc, pi_ptr, stride_pr, stride_pc, c, cmask, S: tl.constexpr, SW: tl.constexpr,
+                 WP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """o + acc @ Pi[S * SW : S * SW + SW, c]: the rotated-space slice S of acc brought back to columns c."""
+    j = tl.arange(0, WP)
+    pi = tl.load(pi_ptr + ((S * SW + j) * stride_pr)[:, None] + (c * stride_pc)[None, :],
+                 mask=(j < SW)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+    return tl.dot(acc, pi, o, input_precision=PREC)
 
 
 @triton.jit
@@ -266,10 +200,12 @@ def _online_softmax_step(sc, m_i, l_i):
     return p, alpha, m_new, l_new
 
 
-@triton.jit(do_not_specialize=["n_comp", "se_len"])  # lengths change every decode step: one binary
+@triton.jit(do_not_specialize=["n_comp", "se_len", "chunk", "NS_C", "NS"])  # change with the length: one binary
 def _tq_attn_kernel(
     q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
-    qr_ptr, qkm_ptr,
+    pi_ptr, stride_pr, stride_pc,
+    km_ptr, stride_kmb, stride_kmh, stride_kmd,
+    vm_ptr, stride_vmb, stride_vmh, stride_vmd,
     kp_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpd,
     kn_ptr, stride_knb, stride_knh, stride_knn,
     vp_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpd,
@@ -279,34 +215,35 @@ def _tq_attn_kernel(
     ke_ptr, stride_keb, stride_keh, stride_kes, stride_ked,
     ve_ptr, stride_veb, stride_veh, stride_ves, stride_ved,
     mask_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
-    wm_ptr, wl_ptr, wacc_ptr,
+    ws_ptr,
     HKV, SQ, M_TOTAL, MP, NS_C, NS, n_comp, se_len, chunk, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_FIELDS: tl.constexpr, V_FIELDS: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_P: tl.constexpr, V_P: tl.constexpr,
+    K_WP: tl.constexpr, V_WP: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, ROT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Split-KV attention over compressed tokens (splits < NS_C) or the exact segment (splits >= NS_C).
 
     q     [B, Hq, Sq, D]              query dtype   strides (stride_qb, stride_qh, stride_qs, stride_qd)
-    qr    [B*Hkv, MP, HEAD_DP]        query dtype   contiguous (from _tq_qrot_kernel, pre-scaled)
-    qkm   [B*Hkv, MP]                 float32       contiguous (pre-scaled <q, k_mean>)
+    pi    [D, D]                      float32       strides (stride_pr, stride_pc); x_rot = x @ Pi.T
+    km/vm [B or 1, Hkv, D]            float32       strides (stride_*mb (0 to broadcast), stride_*mh, stride_*md)
     kp    dense [B, Hkv, cap, D*kb/8] / paged [num_blocks, Hkv, PAGE_SIZE, D*kb/8]   uint8
           strides (stride_kpb, stride_kph, stride_kpn, stride_kpd)
     kn    dense [B, Hkv, cap] / paged [num_blocks, Hkv, PAGE_SIZE]  float32  strides (stride_knb, stride_knh,
           stride_knn)
     vp, vn    as kp, kn with v_bits
-    kc, vc    codebook tables from _tq_qrot_kernel (_build_table; layout per K_FIELDS / V_FIELDS)
+    kc, vc    [2**bits] codebooks in the query dtype, contiguous
     bt    [B, max_blocks] int32  strides (stride_btb, stride_btn)       (PAGED only)
     sl    [B] int32 contiguous: compressed tokens per sequence        (PAGED only; dense: n_comp)
     ke/ve [B, Hkv, Se, D]             query dtype   strides (stride_ke*, stride_ve*)   (read when se_len > 0)
     mask  [B, Hq, Sq, Nc + Se] expanded view, uint8 (bool, 1 = attend) or additive float
           strides (stride_mb, stride_mh, stride_mq, stride_mk)         (read when MASK_MODE != 0)
-    wm/wl [B*Hkv, NS, MP]             float32 contiguous: running max (base 2) / sum of each split
-    wacc  [B*Hkv, NS, MP, HEAD_DP]    float32 contiguous: unnormalised accumulator (rotated space, position
-          order _coord_of(., V_FIELDS), for compressed splits; original space for exact splits; the
-          reduction tells them apart by index)
+    ws    float32 workspace, contiguous: acc [B*Hkv, NS, MP, HEAD_DP] (original space, unnormalised), then
+          m [B*Hkv, NS, MP] (running max, base 2), then l [B*Hkv, NS, MP]; rows >= M_TOTAL are not written.
+    K_P / V_P slices of K_WP / V_WP columns (HEAD_DIM / P, padded to a power of two >= 16).
     Grid (row blocks, NS, B * Hkv).
     """
     pid_m = tl.program_id(0)
@@ -322,19 +259,24 @@ def _tq_attn_kernel(
     d = tl.arange(0, HEAD_DP)
     dmask = d < HEAD_DIM
     nn = tl.arange(0, BLOCK_N)
-    row_lin = bh.to(tl.int64) * MP + rows
     if PAGED:
         nc = tl.load(sl_ptr + b)
     else:
         nc = n_comp
     s_max = tl.max(tl.where(rmask, s, 0), axis=0)
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + s.to(tl.int64) * stride_qs
     if MASK_MODE != 0:
         m_row = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + s.to(tl.int64) * stride_mq
+    w_lin = (bh.to(tl.int64) * NS + split) * MP + rows
+    n_rows = tl.num_programs(2).to(tl.int64) * NS * MP
+    wm_ptr = ws_ptr + n_rows * HEAD_DP
+    wl_ptr = wm_ptr + n_rows
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DP], dtype=tl.float32)
-    cdt = q_ptr.dtype.element_ty  # compute dtype of the tl.dot operands (= query dtype = qr dtype)
+    cdt = q_ptr.dtype.element_ty  # compute dtype of the tl.dot operands (= query dtype)
+    K_SW = HEAD_DIM // K_P  # constexpr slice widths
+    V_SW = HEAD_DIM // V_P
 
     if split < NS_C:
         start = split * chunk
@@ -342,8 +284,25 @@ def _tq_attn_kernel(
         if CAUSAL_COMP:
             # bottom-right over the whole key sequence: key j visible to row s iff j <= s + nc + Se - Sq
             end = tl.minimum(end, s_max + nc + se_len - SQ + 1)
-        qr = tl.load(qr_ptr + row_lin[:, None] * HEAD_DP + d[None, :])
-        qkm = tl.load(qkm_ptr + row_lin)
+        # prologue: <q, k_mean> and the rotated query slices, pre-scaled by scale * log2(e)
+        q = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + d * stride_kmd, mask=dmask, other=0.0)
+        qkm = tl.sum(q * kmv[None, :], axis=1) * qk_scale
+        qr0 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 0, K_SW, K_WP, HEAD_DIM,
+                          HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
+        if K_P > 1:
+            qr1 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 1, K_SW, K_WP, HEAD_DIM,
+                              HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
+        if K_P > 2:
+            qr2 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 2, K_SW, K_WP, HEAD_DIM,
+                              HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
+            qr3 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 3, K_SW, K_WP, HEAD_DIM,
+                              HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
+        acc0 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
         k_head = kvh.to(tl.int64) * stride_kph
         kn_head = kvh.to(tl.int64) * stride_knh
         v_head = kvh.to(tl.int64) * stride_vph
@@ -365,10 +324,20 @@ def _tq_attn_kernel(
                 kn_row = b.to(tl.int64) * stride_knb + n64 * stride_knn
                 v_row = b.to(tl.int64) * stride_vpb + n64 * stride_vpn
                 vn_row = b.to(tl.int64) * stride_vnb + n64 * stride_vnn
-            kh = _dequant_tile(kp_ptr + (k_head + k_row)[:, None], nmask, stride_kpd, kc_ptr, cdt, K_BITS,
-                               K_FIELDS, HEAD_DIM, BLOCK_N, HEAD_DP)  # fmt: skip
+            # scores: one tl.dot per K slice
+            k8, k4, k2, k1 = _load_planes(kp_ptr + (k_head + k_row)[:, None], nmask, stride_kpd, K_BITS, HEAD_DIM,
+                                          K_SW, K_WP)  # fmt: skip
             kn = tl.load(kn_ptr + kn_head + kn_row, mask=nmask, other=0.0)
-            sc = tl.dot(qr, tl.trans(kh), input_precision=DOT_PREC)
+            kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 0, K_BITS, HEAD_DIM, K_SW, K_WP)
+            sc = tl.dot(qr0, tl.trans(kh), input_precision=DOT_PREC)
+            if K_P > 1:
+                kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 1, K_BITS, HEAD_DIM, K_SW, K_WP)
+                sc = tl.dot(qr1, tl.trans(kh), sc, input_precision=DOT_PREC)
+            if K_P > 2:
+                kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 2, K_BITS, HEAD_DIM, K_SW, K_WP)
+                sc = tl.dot(qr2, tl.trans(kh), sc, input_precision=DOT_PREC)
+                kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 3, K_BITS, HEAD_DIM, K_SW, K_WP)
+                sc = tl.dot(qr3, tl.trans(kh), sc, input_precision=DOT_PREC)
             sc = sc * kn[None, :] + qkm[:, None]
             valid = nmask[None, :]
             if CAUSAL_COMP:
@@ -383,20 +352,43 @@ def _tq_attn_kernel(
                              mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
                 sc = sc + mv.to(tl.float32) * 1.4426950408889634
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
-            vh = _dequant_tile(vp_ptr + (v_head + v_row)[:, None], nmask, stride_vpd, vc_ptr, cdt, V_BITS,
-                               V_FIELDS, HEAD_DIM, BLOCK_N, HEAD_DP)  # fmt: skip
+            # values: P @ V per V slice, P pre-multiplied by the value norms
+            v8, v4, v2, v1 = _load_planes(vp_ptr + (v_head + v_row)[:, None], nmask, stride_vpd, V_BITS, HEAD_DIM,
+                                          V_SW, V_WP)  # fmt: skip
             vn = tl.load(vn_ptr + vn_head + vn_row, mask=nmask, other=0.0)
             pv = (p * vn[None, :]).to(cdt)
-            acc = acc * alpha[:, None] + tl.dot(pv, vh, input_precision=DOT_PREC)
+            vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 0, V_BITS, HEAD_DIM, V_SW, V_WP)
+            acc0 = tl.dot(pv, vh, acc0 * alpha[:, None], input_precision=DOT_PREC)
+            if V_P > 1:
+                vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 1, V_BITS, HEAD_DIM, V_SW, V_WP)
+                acc1 = tl.dot(pv, vh, acc1 * alpha[:, None], input_precision=DOT_PREC)
+            if V_P > 2:
+                vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 2, V_BITS, HEAD_DIM, V_SW, V_WP)
+                acc2 = tl.dot(pv, vh, acc2 * alpha[:, None], input_precision=DOT_PREC)
+                vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 3, V_BITS, HEAD_DIM, V_SW, V_WP)
+                acc3 = tl.dot(pv, vh, acc3 * alpha[:, None], input_precision=DOT_PREC)
+        # epilogue: back to the original space, o = acc_rot @ Pi + l * v_mean, by column blocks
+        for cb in tl.static_range(HEAD_DP // BLOCK_C):
+            c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = c < HEAD_DIM
+            vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + c * stride_vmd, mask=cmask, other=0.0)
+            o = l_i[:, None] * vmv[None, :]
+            o = _unrot_slice(o, acc0, pi_ptr, stride_pr, stride_pc, c, cmask, 0, V_SW, V_WP, ROT_PREC)
+            if V_P > 1:
+                o = _unrot_slice(o, acc1, pi_ptr, stride_pr, stride_pc, c, cmask, 1, V_SW, V_WP, ROT_PREC)
+            if V_P > 2:
+                o = _unrot_slice(o, acc2, pi_ptr, stride_pr, stride_pc, c, cmask, 2, V_SW, V_WP, ROT_PREC)
+                o = _unrot_slice(o, acc3, pi_ptr, stride_pr, stride_pc, c, cmask, 3, V_SW, V_WP, ROT_PREC)
+            tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + c[None, :], o, mask=rmask[:, None])
     else:
         start = (split - NS_C) * chunk
         end = tl.minimum(start + chunk, se_len)
         if CAUSAL:
             end = tl.minimum(end, s_max + se_len - SQ + 1)
-        q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + s.to(tl.int64) * stride_qs
         q = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
                     other=0.0)  # fmt: skip
         q = (q.to(tl.float32) * qk_scale).to(cdt)
+        acc = tl.zeros([BLOCK_M, HEAD_DP], dtype=tl.float32)
         ke_base = ke_ptr + b.to(tl.int64) * stride_keb + kvh.to(tl.int64) * stride_keh
         ve_base = ve_ptr + b.to(tl.int64) * stride_veb + kvh.to(tl.int64) * stride_veh
         for e0 in range(start, end, BLOCK_N):
@@ -422,75 +414,66 @@ def _tq_attn_kernel(
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
             v = tl.load(ve_base + (e64 * stride_ves)[:, None] + (d * stride_ved)[None, :], mask=ld_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision=DOT_PREC)
+        tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + d[None, :], acc, mask=rmask[:, None])
 
-    w_lin = (bh.to(tl.int64) * NS + split) * MP + rows
-    tl.store(wm_ptr + w_lin, m_i)
-    tl.store(wl_ptr + w_lin, l_i)
-    tl.store(wacc_ptr + w_lin[:, None] * HEAD_DP + d[None, :], acc)
+    tl.store(wm_ptr + w_lin, m_i, mask=rmask)
+    tl.store(wl_ptr + w_lin, l_i, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BH", "NS"])
 def _tq_reduce_kernel(
-    wm_ptr, wl_ptr, wacc_ptr,
-    pi_ptr, stride_pr, stride_pc,
-    vm_ptr, stride_vmb, stride_vmh, stride_vmd,
+    ws_ptr,
     o_ptr, stride_ob, stride_os, stride_oh, stride_od,
-    HKV, SQ, M_TOTAL, MP, NS_C, NS,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, V_FIELDS: tl.constexpr,
+    BH, HKV, SQ, M_TOTAL, MP, NS,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_R: tl.constexpr,
+    NS_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Merge the split partials, rotate the compressed part back, add v_mean, normalise, store.
+    """Merge the split partials of BLOCK_R output rows, columns of block program_id(1); normalise; store.
 
-    wm/wl [B*Hkv, NS, MP], wacc [B*Hkv, NS, MP, HEAD_DP]   float32 contiguous (from _tq_attn_kernel)
-    pi    [D, D]               float32  strides (stride_pr, stride_pc); x = x_rot @ Pi
-    vm    [B or 1, Hkv, D]     float32  strides (stride_vmb (0 to broadcast), stride_vmh, stride_vmd)
-    o     [B, Sq, Hq, D]       query dtype  strides (stride_ob, stride_os, stride_oh, stride_od)
-    Grid (cdiv(M_TOTAL, BLOCK_M), B * Hkv).
+    ws  float32 workspace of _tq_attn_kernel (acc [BH, NS, MP, HEAD_DP], then m and l [BH, NS, MP])
+    o   [B, Sq, Hq, D]   query dtype   strides (stride_ob, stride_os, stride_oh, stride_od)
+    Output row i (of BH * M_TOTAL) is row r = i % M_TOTAL of kv head bh = i // M_TOTAL. All NS_BLOCK splits
+    of a row are loaded at once (a serial chain of loads per split would be latency bound).
+    Grid (cdiv(BH * M_TOTAL, BLOCK_R), cdiv(HEAD_DIM, BLOCK_C)).
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    imask = i < BH * M_TOTAL
+    bh = i // M_TOTAL
+    r = i % M_TOTAL
     b = bh // HKV
-    kvh = bh % HKV
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M_TOTAL
-    g = rows // SQ
-    s = rows % SQ
-    h = kvh * GROUP + g
-    d = tl.arange(0, HEAD_DP)
-    base = bh.to(tl.int64) * NS * MP + rows
+    h = (bh % HKV) * GROUP + r // SQ
+    s = r % SQ
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < HEAD_DIM
+    sp = tl.arange(0, NS_BLOCK)
+    n_rows = BH.to(tl.int64) * NS * MP
+    wm_ptr = ws_ptr + n_rows * HEAD_DP
+    wl_ptr = wm_ptr + n_rows
+    row0 = bh.to(tl.int64) * NS * MP + r  # [BLOCK_R]: split 0 of each row
 
-    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for sp in range(0, NS):
-        m_all = tl.maximum(m_all, tl.load(wm_ptr + base + sp * MP))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-
-    l_c = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_rot = tl.zeros([BLOCK_M, HEAD_DP], dtype=tl.float32)
-    for sp in range(0, NS_C):
-        w = tl.exp2(tl.load(wm_ptr + base + sp * MP) - m_safe)
-        l_c += w * tl.load(wl_ptr + base + sp * MP)
-        acc_rot += w[:, None] * tl.load(wacc_ptr + (base + sp * MP)[:, None] * HEAD_DP + d[None, :])
-    l_all = l_c
-    for sp in range(NS_C, NS):
-        l_all = l_all + tl.exp2(tl.load(wm_ptr + base + sp * MP) - m_safe) * tl.load(wl_ptr + base + sp * MP)
+    m_all = tl.full([BLOCK_R, NS_BLOCK], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, NS, NS_BLOCK):
+        lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
+        smask = imask[:, None] & ((s0 + sp) < NS)[None, :]
+        m_all = tl.maximum(m_all, tl.load(wm_ptr + lin, mask=smask, other=float("-inf")))
+    m_max = tl.max(m_all, axis=1)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
+    o_acc = tl.zeros([BLOCK_R, NS_BLOCK, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, NS, NS_BLOCK):
+        lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
+        smask = imask[:, None] & ((s0 + sp) < NS)[None, :]
+        w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
+        l_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
+        a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + c[None, None, :],
+                    mask=smask[:, :, None] & cmask[None, None, :], other=0.0)  # fmt: skip
+        o_acc += w[:, :, None] * a
+    l_all = tl.sum(l_acc, axis=1)
     inv = tl.where(l_all > 0.0, 1.0 / tl.where(l_all > 0.0, l_all, 1.0), 0.0)
-
+    o = tl.sum(o_acc, axis=1) * inv[:, None]
     o_row = b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
-    for cb in tl.static_range(HEAD_DP // BLOCK_C):
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < HEAD_DIM
-        # pi[p, c] = Pi[coord(p), c]: acc_rot positions are in the kernel's (permuted) order
-        pi = tl.load(pi_ptr + (_coord_of(d, V_FIELDS, HEAD_DIM) * stride_pr)[:, None] + (c * stride_pc)[None, :],
-                     mask=(d < HEAD_DIM)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-        o = tl.dot(acc_rot, pi, input_precision=DOT_PREC)
-        vm = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + c * stride_vmd, mask=cmask, other=0.0)
-        o += l_c[:, None] * vm[None, :]
-        for sp in range(NS_C, NS):
-            w = tl.exp2(tl.load(wm_ptr + base + sp * MP) - m_safe)
-            o += w[:, None] * tl.load(wacc_ptr + (base + sp * MP)[:, None] * HEAD_DP + c[None, :])
-        o = o * inv[:, None]
-        tl.store(o_ptr + o_row[:, None] + (c * stride_od)[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])  # fmt: skip
+    tl.store(o_ptr + o_row[:, None] + (c * stride_od)[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=imask[:, None] & cmask[None, :])  # fmt: skip
 
 
 _ATTN_CONFIGS = [
@@ -541,6 +524,9 @@ def _num_sms(device_index: int) -> int:
 def _check_codecs(codecs, head_dim: int, device: torch.device) -> None:
     if not isinstance(codecs, Codecs):
         raise TypeError(f"codecs must be a turboquant_vllm.layout.Codecs, got {type(codecs).__name__}")
+    key = (id(codecs), head_dim, device)
+    if _CODECS_OK.get(key) is codecs:  # a Codecs is frozen: validated once per (object, head_dim, device)
+        return
     lay = codecs.layout
     if lay.head_dim != head_dim:
         raise ValueError(f"query head_dim {head_dim} differs from codecs.layout.head_dim {lay.head_dim}")
@@ -552,6 +538,9 @@ def _check_codecs(codecs, head_dim: int, device: torch.device) -> None:
         check_tensor(t, f"codecs.{name}", ndim=1, dtypes=(torch.float32,), device=device)
         if t.shape[0] != 1 << bits:
             raise ValueError(f"codecs.{name} must have 2**bits = {1 << bits} entries, got {t.shape[0]}")
+    if len(_CODECS_OK) >= 64:
+        _CODECS_OK.clear()
+    _CODECS_OK[key] = codecs
 
 
 def _check_query(query: torch.Tensor) -> None:
@@ -701,51 +690,100 @@ def _paged_reference(query, k_packed, k_norms, v_packed, v_norms, block_table, s
 # Launch
 # --------------------------------------------------------------------------------------------------
 
-
-def _fields(bits: int, dtype: torch.dtype) -> int:
-    """Centroids fetched per gather (see _dequant_tile): 2 at 4 bits, 4 at 2 bits (16-bit dtypes), else 1."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return {4: 2, 2: 4}.get(bits, 1)
-    return 1
-
-
-def _table_view(buf: torch.Tensor, fields: int, levels: int, dtype: torch.dtype) -> torch.Tensor:
-    """The codebook table (written by _tq_qrot_kernel) as a typed view of 2048 scratch bytes."""
-    if fields == 1:
-        return buf.view(dtype)[:levels]
-    return buf.view(torch.int32 if fields == 2 else torch.int64)[:256]
+_MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
+_SPLIT_OVERHEAD = 3  # fixed cost of one program (Pi twice from L2, partials, ramp-up), in units of _MIN_CHUNK tokens
+_MAX_SPLITS = 128
+_CODEBOOKS: dict = {}  # (id(codecs), dtype) -> (codecs, k table, v table)
+_CODECS_OK: dict = {}  # (id(codecs), head_dim, device) -> codecs, validated once
 
 
-def _plan(query, hkv: int, max_tokens: int, se: int, num_kv_splits: int | None):
-    """Tile shapes and split counts from shapes only (no device reads)."""
-    bsz, hq, sq, d = query.shape
+def _num_slices(bits: int) -> int:
+    """Slices of the head dim per tl.dot: 8 / (widest plane width), at most 4 (4 bits: 2; 2 and 3 bits: 4)."""
+    widest = 8 if bits == 8 else (4 if bits & 4 else 2 if bits & 2 else 1)
+    return min(4, 8 // widest)
+
+
+def _codebooks(codecs: Codecs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K / V codebooks in the compute dtype, converted once per (Codecs, dtype)."""
+    key = (id(codecs), dtype)
+    hit = _CODEBOOKS.get(key)
+    if hit is not None and hit[0] is codecs:
+        return hit[1], hit[2]
+    k = codecs.k_centroids.to(dtype).contiguous()
+    v = codecs.v_centroids.to(dtype).contiguous()
+    if len(_CODEBOOKS) >= 64:
+        _CODEBOOKS.clear()
+    _CODEBOOKS[key] = (codecs, k, v)
+    return k, v
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_plan(hq: int, sq: int, d: int, hkv: int, k_bits: int, v_bits: int, dtype: torch.dtype, interp: bool):
+    """Tile shapes from the head counts, Sq, head_dim, bits and dtype (interpreter: fewest, widest steps)."""
     group = hq // hkv
     rows = group * sq
     hdp = max(16, next_pow2(d))
-    interp = interpreting()
     single_max = 128 if hdp <= 128 else 64
     if rows <= single_max:
-        block_m = max(16, next_pow2(rows))
-        m_blocks = 1
+        block_m, m_blocks = max(16, next_pow2(rows)), 1
     else:
-        # chunked prefill: big row tiles amortise the unpack + centroid gathers over more query rows
-        block_m = single_max
-        m_blocks = triton.cdiv(rows, block_m)
-    mp = m_blocks * block_m
-    align = 16 if interp else 128  # chunk multiple of every autotuned BLOCK_N
+        # chunked prefill: big row tiles amortise the tile building over more query rows
+        block_m, m_blocks = single_max, triton.cdiv(rows, single_max)
+    k_p, v_p = _num_slices(k_bits), _num_slices(v_bits)
+    k_wp, v_wp = max(16, next_pow2(d // k_p)), max(16, next_pow2(d // v_p))
+    # float32 queries: 3xTF32 (float32-level accuracy on tensor cores; "ieee" FMA dots spill on sm_90).
+    prec = "tf32x3" if dtype == torch.float32 else "tf32"
+    meta = dict(
+        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, K_BITS=k_bits, V_BITS=v_bits, K_P=k_p, V_P=v_p, K_WP=k_wp,
+        V_WP=v_wp, DOT_PREC=prec, ROT_PREC=prec, BLOCK_M=block_m,
+        BLOCK_K=hdp if interp else min(32, hdp), BLOCK_C=hdp if interp else min(64, hdp),
+    )  # fmt: skip
+    return group, rows, hdp, block_m, m_blocks, block_m * m_blocks, meta
+
+
+@functools.lru_cache(maxsize=4096)
+def _num_splits(programs: int, chunks: int, sms: int) -> int:
+    """Splits of the token range for `programs` (B*Hkv*row blocks) and `chunks` (tokens / _MIN_CHUNK).
+
+    Model: an SM holding k programs takes k * (chunks / ns + overhead), at full speed only with >= 2 resident
+    programs (one alone cannot keep enough loads in flight). Fewest splits among the cheapest.
+    """
+    best, best_cost = 1, float("inf")
+    for ns in range(1, min(chunks, _MAX_SPLITS) + 1):
+        k = -(-programs * ns // sms)
+        cost = k * 2 / min(k, 2) * (-(-chunks // ns) + _SPLIT_OVERHEAD)
+        if cost < best_cost:
+            best, best_cost = ns, cost
+    return best
+
+
+def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, interp: bool):
+    """(chunk, NS_C, NS_E) from host-side numbers only."""
     total = max(1, max_tokens + se)
+    align = 16 if interp else _MIN_CHUNK
     if num_kv_splits is not None:
         want = int(num_kv_splits)
         if want < 1:
             raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    elif interp:
+        want = triton.cdiv(16, programs)
     else:
-        target = 16 if interp else 2 * _num_sms(query.device.index or 0)
-        want = triton.cdiv(target, bsz * hkv * m_blocks)
+        want = _num_splits(programs, triton.cdiv(total, align), _num_sms(device.index or 0))
     want = max(1, min(want, triton.cdiv(total, align)))
     chunk = triton.cdiv(triton.cdiv(total, want), align) * align
-    ns_c = max(1, triton.cdiv(max_tokens, chunk))
-    ns_e = triton.cdiv(se, chunk)
-    return group, rows, hdp, block_m, m_blocks, mp, chunk, ns_c, ns_e
+    return chunk, max(1, triton.cdiv(max_tokens, chunk)), triton.cdiv(se, chunk)
+
+
+@functools.lru_cache(maxsize=256)
+def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, NS_BLOCK, BLOCK_C) of the reduction: all splits of a row in one load, ~4K elements a program
+    (interpreter: few big programs)."""
+    ns_block = min(next_pow2(ns), 64)
+    if interp:
+        return min(next_pow2(out_rows), max(1, (1 << 16) // (ns_block * hdp))), ns_block, hdp
+    block_c = min(hdp, 64)
+    by_rows = 1 << (max(1, out_rows // 256).bit_length() - 1)  # keep >= ~256 programs where there are rows
+    return max(1, min(4096 // (ns_block * block_c), by_rows)), ns_block, block_c
 
 
 def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens, max_tokens,
@@ -753,50 +791,26 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     bsz, hq, sq, d = query.shape
     hkv = kp.shape[1]
     se = 0 if key_exact is None else key_exact.shape[2]
-    group, rows, hdp, block_m, m_blocks, mp, chunk, ns_c, ns_e = _plan(query, hkv, max_tokens, se, num_kv_splits)
-    ns = ns_c + ns_e
-    bh = bsz * hkv
-    dev = query.device
     lay = codecs.layout
-    scale = d**-0.5 if scale is None else float(scale)
-    qk_scale = scale * _LOG2E
-    # float32 queries: 3xTF32 (float32-level accuracy on tensor cores; "ieee" FMA dots spill on sm_90).
-    dot_prec = "tf32x3" if query.dtype == torch.float32 else "tf32"
-    block_c = min(hdp, 32)
-    aux_warps = 8 if hdp > 128 else 4
+    dev = query.device
+    interp = interpreting()
+    group, rows, hdp, block_m, m_blocks, mp, meta = _shape_plan(hq, sq, d, hkv, lay.k_bits, lay.v_bits, query.dtype,
+                                                                interp)  # fmt: skip
     if out is None:
         out = torch.empty(bsz, sq, hq, d, device=dev, dtype=query.dtype)
     if bsz == 0 or hq == 0 or sq == 0:
         return out
+    bh = bsz * hkv
+    chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp)
+    ns = ns_c + ns_e
     if bh > _MAX_GRID_YZ or ns > _MAX_GRID_YZ:
         raise ValueError(f"B * Hkv ({bh}) and the KV split count ({ns}) must be <= {_MAX_GRID_YZ} (CUDA grid limit)")
-
-    qr = torch.empty(bh, mp, hdp, device=dev, dtype=query.dtype)
-    qkm = torch.empty(bh, mp, device=dev, dtype=torch.float32)
-    k_levels, v_levels = 1 << lay.k_bits, 1 << lay.v_bits
-    k_fields, v_fields = _fields(lay.k_bits, query.dtype), _fields(lay.v_bits, query.dtype)
-    tabs = torch.empty(2, 2048, device=dev, dtype=torch.uint8)
-    ktab = _table_view(tabs[0], k_fields, k_levels, query.dtype)
-    vtab = _table_view(tabs[1], v_fields, v_levels, query.dtype)
-    wm = torch.empty(bh, ns, mp, device=dev, dtype=torch.float32)
-    wl = torch.empty(bh, ns, mp, device=dev, dtype=torch.float32)
-    wacc = torch.empty(bh, ns, mp, hdp, device=dev, dtype=torch.float32)
+    scale = d**-0.5 if scale is None else float(scale)
+    kc, vc = _codebooks(codecs, query.dtype)
+    ws = torch.empty(bh * ns * mp * (hdp + 2), device=dev, dtype=torch.float32)
     pi = codecs.rotation
     kmb = k_mean.stride(0) if k_mean.shape[0] > 1 else 0
     vmb = v_mean.stride(0) if v_mean.shape[0] > 1 else 0
-
-    _tq_qrot_kernel[(mp // _REDUCE_ROWS, bh)](
-        query, *query.stride(),
-        pi, *pi.stride(),
-        k_mean, kmb, k_mean.stride(1), k_mean.stride(2),
-        qr, qkm,
-        codecs.k_centroids.contiguous(), codecs.v_centroids.contiguous(), ktab, vtab,
-        hkv, sq, rows, mp, qk_scale,
-        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_M=_REDUCE_ROWS, BLOCK_C=block_c, DOT_PREC=dot_prec,
-        K_LEVELS=k_levels, V_LEVELS=v_levels, K_FIELDS=k_fields, V_FIELDS=v_fields,
-        num_warps=aux_warps,
-    )  # fmt: skip
-
     ke = key_exact if key_exact is not None else query
     ve = value_exact if value_exact is not None else query
     if mask is None:
@@ -812,36 +826,30 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         bt, bt_str, sl, page = kn, (0, 0), kn, 1
     args = (
         query, *query.stride(),
-        qr, qkm,
+        pi, *pi.stride(),
+        k_mean, kmb, k_mean.stride(1), k_mean.stride(2),
+        v_mean, vmb, v_mean.stride(1), v_mean.stride(2),
         kp, *kp.stride(), kn, *kn.stride(),
         vp, *vp.stride(), vn, *vn.stride(),
-        ktab, vtab,
+        kc, vc,
         bt, *bt_str, sl,
         ke, *ke.stride(), ve, *ve.stride(),
         mask_t, *mstr,
-        wm, wl, wacc,
-        hkv, sq, rows, mp, ns_c, ns, n_comp, se, chunk, qk_scale,
-    )  # fmt: skip
-    meta = dict(
-        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, K_BITS=lay.k_bits, V_BITS=lay.v_bits, K_FIELDS=k_fields,
-        V_FIELDS=v_fields, PAGED=paged,
-        PAGE_SIZE=page, CAUSAL=bool(causal), CAUSAL_COMP=bool(causal_comp), MASK_MODE=mask_mode,
-        DOT_PREC=dot_prec, BLOCK_M=block_m,
+        ws,
+        hkv, sq, rows, mp, ns_c, ns, n_comp, se, chunk, scale * _LOG2E,
     )  # fmt: skip
     grid = (m_blocks, ns, bh)
-    if interpreting():
-        _tq_attn_kernel[grid](*args, **meta, BLOCK_N=16, num_warps=4)
+    flags = dict(PAGED=paged, PAGE_SIZE=page, CAUSAL=bool(causal), CAUSAL_COMP=bool(causal_comp), MASK_MODE=mask_mode)
+    if interp:
+        _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=16, num_warps=4)
     else:
-        _tuned_attn_kernel()[grid](*args, **meta)
+        _tuned_attn_kernel()[grid](*args, **meta, **flags)
 
-    _tq_reduce_kernel[(triton.cdiv(rows, _REDUCE_ROWS), bh)](
-        wm, wl, wacc,
-        pi, *pi.stride(),
-        v_mean, vmb, v_mean.stride(1), v_mean.stride(2),
-        out, *out.stride(),
-        hkv, sq, rows, mp, ns_c, ns,
-        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_M=_REDUCE_ROWS, BLOCK_C=block_c, DOT_PREC=dot_prec,
-        V_FIELDS=v_fields, num_warps=aux_warps,
+    out_rows = bh * rows
+    block_r, ns_block, block_c = _reduce_plan(ns, out_rows, hdp, interp)
+    _tq_reduce_kernel[(triton.cdiv(out_rows, block_r), triton.cdiv(d, block_c))](
+        ws, out, *out.stride(), bh, hkv, sq, rows, mp, ns,
+        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_R=block_r, NS_BLOCK=ns_block, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
 
