@@ -260,10 +260,14 @@ def test_diagnose_flags_a_shared_key_offset():
     caps = capture(model, ids_of(32, seed=5))
     diag = diagnose(caps)
     assert all(d.key_offset > 0.8 for d in diag)
-    assert any("key offset" in w for w in warnings_for(diag))
+    assert any("key offset" in w for w in warnings_for(diag, offset=0.8))
+    assert not any("key offset" in w for w in warnings_for(diag))  # real-model threshold (0.95)
     plain = diagnose(capture(tiny_llama(), ids_of(32, seed=5)))
     assert max(d.key_offset for d in plain) < min(d.key_offset for d in diag)
     assert all(0.0 <= d.sink_mass <= 1.0 and d.channel_outlier >= 1.0 for d in diag + plain)
+    errs = layer_errors(model, caps, Setting("tq", 2, 2))
+    msgs = warnings_for(diag, errs, attn_cos=1.0)
+    assert any("--skip-layers" in w for w in msgs)
 
 
 # ---------------------------------------------------------------------------------------------- assets

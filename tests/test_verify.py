@@ -68,6 +68,7 @@ def test_verify_threshold_fails_and_recommend(tiny_model_dir, tmp_path, capsys):
                     "--agreement-tokens", "0", "--layerwise-tokens", "0")  # fmt: skip
     assert rc == 1 and r["status"] == 1 and "FAILED" in capsys.readouterr().out
     rc, r = _verify(tiny_model_dir, tmp_path, "--recommend", "--threshold", "1000", "--needle-lengths", "",
+                    "--tokens", "40", "--chunk", "8",
                     "--agreement-tokens", "0", "--layerwise-tokens", "0")  # fmt: skip
     assert rc == 0
     assert r["recommendation"] == "tq2"  # anything passes a 1000% threshold: the cheapest mix wins

@@ -211,6 +211,35 @@ def test_noncontiguous_query_and_out_and_scale(device):
     check_against_reference(out, q, _cat(kd, ke), _cat(vd, ve), causal=True, scale=0.3)
 
 
+def test_unaligned_packed_views_use_byte_units(device):
+    """Packed K/V views at an odd byte offset can't be read as 16/32-bit units: the byte path must match."""
+    b, hq, hkv, sq, nc, se, d = 2, 8, 2, 2, 40, 2, 128
+    kv = make_kv(b, hkv, nc, d, 4, 3, device)
+
+    def odd_view(t):
+        buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        buf[..., 1:] = t
+        return buf[..., 1:]
+
+    odd = _replace(kv, k_packed=odd_view(kv.k_packed), v_packed=odd_view(kv.v_packed))
+    assert tqa._max_unit(odd.k_packed) == 1 and tqa._max_unit(kv.k_packed) == 4
+    q = torch.randn(b, hq, sq, d, generator=_gen(3)).to(device=device, dtype=F16)
+    ke, ve = _exact(b, hkv, se, d, F16, device)
+    out = tq_attention(q, odd, ke, ve, causal=True)
+    ref = tq_attention(q, kv, ke, ve, causal=True)
+    assert rel_err(out.float(), ref.float()) < 2e-3
+    kd, vd = dequant(kv)
+    check_against_reference(out, q, _cat(kd, ke), _cat(vd, ve), causal=True)
+
+
+def test_split_heuristic_is_shape_derived():
+    """About 2 resident programs per SM (132 SMs), chunks of >= 128 tokens, no device reads."""
+    assert tqa._num_splits(8, 32768 // 128, 132) == 32  # B=1, Hkv=8, 32K: 256 programs
+    assert tqa._num_splits(128, 32768 // 128, 132) == 2  # B=16: 256 programs
+    assert tqa._num_splits(8, 4096 // 128, 132) == 32  # short sequence: 128 tokens per split
+    assert tqa._num_splits(512, 1024, 132, 128) == 1  # chunked prefill: enough row blocks already
+
+
 def test_pytorch_path_matches_kernel(device, monkeypatch):
     b, hq, hkv, sq, nc, se, d = 2, 4, 2, 3, 30, 3, 64
     kv = make_kv(b, hkv, nc, d, 3, 4, device)
@@ -432,15 +461,30 @@ def compile_call(fn, args, kwargs):
     except (AttributeError, TypeError) as e:  # Triton internals moved: not this test's business
         print("SKIP", type(e).__name__, e); sys.exit(0)
     k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=backend.target, options=options.__dict__)
-    print("OK", fn.__name__, "shared", k.metadata.shared)
+    print("OK", fn.__name__, "shared", k.metadata.shared, resources(k))
+
+def resources(k):  # 'regs N spill_bytes M' from Triton's bundled cuobjdump, or '' where it is missing
+    import re, subprocess, tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", out, re.S)
+    return f"regs {m.group(1)} spill_bytes {m.group(2)}" if m else ""
 
 class Capture:
-    def __init__(self, fn, cfg=None):
-        self.fn, self.cfg = fn, cfg
+    def __init__(self, fn, tuned=False):
+        self.fn, self.tuned = fn, tuned
     def __getitem__(self, grid):
         def call(*args, **kwargs):
-            if self.cfg is not None:
-                kwargs = dict(kwargs, **self.cfg.kwargs, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+            if self.tuned:  # one config the autotuner would try: (64, 4 or 8 warps, 2 stages) if not pruned
+                keep = A._prune_attn_configs(A._ATTN_CONFIGS, {"q_ptr": args[0]}, **kwargs)
+                pref = [c for w in (4, 8) for c in keep
+                        if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (64, w, 2)]
+                cfg = (pref or keep)[0]
+                kwargs = dict(kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             compile_call(self.fn, list(args), kwargs)
         return call
 
@@ -448,8 +492,8 @@ A.interpreting = C.interpreting = lambda: False
 A._num_sms = lambda i: 132
 C.use_triton = lambda *t: True
 attn = A._tq_attn_kernel
-A._tq_qrot_kernel, A._tq_reduce_kernel = Capture(A._tq_qrot_kernel), Capture(A._tq_reduce_kernel)
-A._tuned_attn_kernel = lambda: Capture(attn, A._ATTN_CONFIGS[5])
+A._tq_reduce_kernel = Capture(A._tq_reduce_kernel)
+A._tuned_attn_kernel = lambda: Capture(attn, tuned=True)
 C._tq_compress_kernel = Capture(C._tq_compress_kernel)
 for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [
     (1, 32, 8, 1, 4096, 1, 128, 4, 4, torch.float16, False, False, None),
@@ -484,3 +528,6 @@ def test_kernels_compile_for_sm90(device):
         pytest.skip(r.stdout.strip()[-300:])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert r.stdout.count("OK _tq_attn_kernel") == 3 and r.stdout.count("OK _tq_compress_kernel") == 3, r.stdout
+    assert r.stdout.count("OK _tq_reduce_kernel") == 3, r.stdout
+    spills = [line for line in r.stdout.splitlines() if "spill_bytes" in line and not line.endswith("spill_bytes 0")]
+    assert not spills, "register spills on sm_90:\n" + "\n".join(spills)

@@ -1,8 +1,9 @@
 """tq_compress (Triton; CPU interpreter here) against core.kvcodec.compress_reference.
 
-Indices must agree except where a rotated coordinate lies within float rounding of a boundary (a tiny
-fraction, off by one at most); norms to float32 tolerance. Positions outside [offset, offset + S) are
-left untouched.
+Indices must agree except where a rotated coordinate lies close to a boundary, off by one level at most:
+float32 inputs (3xTF32 on the GPU, exact float32 in the interpreter) within float rounding (<= 0.1% of the
+indices); fp16 / bf16 inputs (one fp16 tensor-core pass) within ~1e-3 of a boundary (< 1% of the indices).
+Norms to float32 tolerance. Positions outside [offset, offset + S) are left untouched.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from turboquant_vllm.kernels import tq_compress as tqc
 from turboquant_vllm.kernels.tq_compress import tq_compress
 from turboquant_vllm.layout import Codecs, KVLayout
 
-_MAX_MISMATCH = 1e-3
+_MAX_MISMATCH = 1e-3  # float32 inputs
+_MAX_MISMATCH_HALF = 1e-2  # fp16 / bf16 inputs: the rotation runs in fp16
 
 
 @functools.cache
@@ -41,7 +43,8 @@ def _run(device, b, h, s, d, bits, dtype, offset=3, extra=4, x=None, seed=0):
     want = unpack(rp, bits, d).int()
     diff = (got - want).abs()
     assert diff.max() <= 1, "an index is off by more than one"
-    assert diff.ne(0).float().mean() <= _MAX_MISMATCH, f"{diff.ne(0).float().mean():.2e} of indices differ"
+    bound = _MAX_MISMATCH if dtype == torch.float32 else _MAX_MISMATCH_HALF
+    assert diff.ne(0).float().mean() <= bound, f"{diff.ne(0).float().mean():.2e} of indices differ"
     torch.testing.assert_close(nr[:, :, offset : offset + s], rn, rtol=2e-6, atol=1e-6)
     # untouched outside [offset, offset + S)
     assert torch.all(pk[:, :, :offset] == 0xA5) and torch.all(pk[:, :, offset + s :] == 0xA5)
@@ -63,6 +66,29 @@ def test_other_bit_widths(device, bits):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(device, dtype):
     _run(device, 2, 2, 18, 128, 4, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_rotation_mismatches_are_near_boundaries(device, dtype):
+    """16-bit inputs: < 1% of the indices differ from the float32 reference, each by exactly one level, and
+    only where the float32 rotated coordinate is within 2e-3 d**-0.5 (the coordinate scale) of a boundary
+    (measured: ~7.5e-4 of the indices, all within 7e-4 d**-0.5)."""
+    b, h, s, d, bits = 1, 2, 96, 128, 4
+    g = torch.Generator().manual_seed(9)
+    c = _codecs(d, bits, device)
+    x = (torch.randn(b, h, s, d, generator=g) * 3 + torch.randn(b, h, 1, d, generator=g)).to(device, dtype)
+    mean = (torch.randn(b, h, d, generator=g) * 0.5).to(device)
+    pk = torch.zeros(b, h, s, d * bits // 8, dtype=torch.uint8, device=device)
+    nr = torch.zeros(b, h, s, device=device)
+    tq_compress(x, mean, c.rotation, c.k_boundaries, bits, pk, nr, 0)
+    rp, _ = compress_reference(x, mean, c.rotation, c.k_boundaries, bits)
+    diff = unpack(pk, bits, d).int() - unpack(rp, bits, d).int()
+    assert diff.abs().max() <= 1
+    assert diff.ne(0).float().mean() < 1e-2
+    r = x.float() - mean.unsqueeze(-2)
+    y = (r / r.norm(dim=-1, keepdim=True)) @ c.rotation.T  # float32 rotated coordinates, scale ~ d ** -0.5
+    gap = (y.unsqueeze(-1) - c.k_boundaries).abs().min(dim=-1).values
+    assert torch.all(gap[diff != 0] < 2e-3 * d**-0.5), "a mismatch far from any boundary"
 
 
 def test_decode_single_token(device):

@@ -103,8 +103,9 @@ def collect_settings(args, head_dim: int):
     if args.baselines:
         settings += baseline_settings(main.k_bits if main.k_bits == main.v_bits else 4, head_dim)
     settings += [parse_setting(s) for s in args.settings]
-    if args.recommend:
+    if args.recommend:  # the mixes, and the same with layer 0 exact (it rescues Qwen2.5: docs/QUALITY.md)
         settings += [Setting("tq", k, v) for k, v in RECOMMEND_MIXES]
+        settings += [Setting("tq", k, v, skip_layers=(0,)) for k, v in RECOMMEND_MIXES if 5 <= k + v <= 9]
     unique = {}
     for s in settings:
         unique.setdefault(s.name, s)
@@ -259,7 +260,6 @@ def run(args: argparse.Namespace) -> int:
         caps = capture(model, ids[:, : min(args.layerwise_tokens, n_tok)])
         diag = diagnose(caps)
         result["diagnosis"] = [asdict(d) for d in diag]
-        warnings = warnings_for(diag)
         result["layerwise"] = {}
         it = settings
         if progress:
@@ -271,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
             result["layerwise"][s.name] = [asdict(e) for e in errs]
             by_name[s.name]["attn_cos_min"] = min(e.attn_cos for e in errs)
             by_name[s.name]["attn_cos_mean"] = sum(e.attn_cos for e in errs) / len(errs)
+            if s is main:
+                warnings = warnings_for(diag, errs)
         result["layerwise_seconds"] = time.perf_counter() - t0
         del caps
     result["rows"] = rows
@@ -289,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
         status |= 0 if ok else 1
     if args.recommend:
         thr = args.threshold if args.threshold is not None else 1.0
-        cands = [by_name[s.name] for s in settings if s.kind == "tq" and s.sink == 0 and not s.skip_layers]
+        cands = [by_name[s.name] for s in settings if s.uses_real_cache]
         good = sorted((r for r in cands if r["ppl_change_pct"] <= thr), key=lambda r: (r["bytes"], r["ppl_change_pct"]))
         result["recommendation"] = good[0]["setting"] if good else None
         verdicts.append(

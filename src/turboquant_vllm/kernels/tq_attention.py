@@ -24,15 +24,21 @@ Pipeline: 2 launches for any call, decode included.
      compressed tile is read once per group.
      Splits ``< NS_C`` walk a chunk of compressed tokens:
        prologue: ``q_rot = q @ Pi.T`` (tl.dot on Pi from L2, tf32 / 3xTF32 for float32) and ``<q, k_mean>``,
-       pre-scaled by ``scale * log2(e)``, kept in registers as P_K slices (below).
-       loop: per tile of BLOCK_N tokens, each plane of the packed K (then V) bytes is loaded ONCE as a
-       ``[BLOCK_N, W]`` uint8 tile with 16-byte vector loads; the head dim is processed as P slices of
-       width W = D / P (P = 2 at 4 bits, 4 at 2 / 3 bits; ``_num_slices``), so every slice's indices are a
-       shift and mask of those tiles (docs/LAYOUT.md: at 4 bits the low nibbles of the ``[BLOCK_N, D/2]``
-       tile are coordinates ``[0, D/2)``, the high nibbles ``[D/2, D)``); centroids come from a <= 32-byte
-       codebook table in the compute dtype (one L1 line: one wavefront per gather). One ``tl.dot`` per
-       slice: ``scores += q_rot_s @ khat_s^T``; ``acc_s += (p * v_norm) @ vhat_s`` (P accumulators).
-       Natural coordinate order everywhere (no permutation).
+       pre-scaled by ``scale * log2(e)``, kept in registers (column order of the K tiles, below).
+       loop: per tile of BLOCK_N tokens, each plane of the packed K (then V) bytes is loaded ONCE, as a
+       [BLOCK_N, R_W / E] tile of E-byte units (E = 4 at 4 bits, 2 at 2 / 3 bits for head_dim 128: 16-byte
+       vector loads), prefetched one tile ahead by hand so the HBM latency overlaps the compute. The head dim
+       is split into NT = E * 8 / W sub-tiles (W: widest plane): sub-tile T = (byte e = T % E of each unit,
+       field f = T // E of that byte) holds coordinates E * col + e + f * R_W, so its indices are ONE shift
+       (and, for 3 / 5 bits, one more shift and a bit-select per extra plane) of the unit tile: no byte
+       extraction, no per-element loads of the packed data. Centroids: on the GPU (bits <= 5) a warp shuffle
+       per element from a register holding, in lane l, codebook entry l mod 2**bits (no address arithmetic,
+       no memory); otherwise (and in the interpreter) a load per element from the <= 1 KB codebook in the
+       compute dtype, addressed as aligned_base | idx * itemsize (one L1 wavefront per warp at 4 bits). The NT
+       sub-tiles are placed side by side with tl.join (register-local) into one [BLOCK_N, NT * UWP] tile whose
+       columns are a fixed permutation of the coordinates (_tile_coords); q_rot and the back-rotation use the
+       same permutation (Pi's rows gathered accordingly), so ONE tl.dot per tile for the scores and one for
+       P @ V (norms applied to the [M, N] score tile; P pre-multiplied by the value norms).
        epilogue: the partial output is rotated back in place (``acc @ Pi``, tf32 / 3xTF32) and
        ``l * v_mean`` is added, so every split's partial is in the original space.
      Splits ``>= NS_C`` walk a chunk of the exact segment in the original space with bottom-right causal
@@ -40,7 +46,7 @@ Pipeline: 2 launches for any call, decode included.
   2. ``_tq_reduce_kernel`` grid (row tiles, column blocks): merges the NS partials of each output row with
      all splits loaded at once (no serial chain of loads), divides by l, writes ``[B, Sq, Hq, D]`` (any
      strides) in the query dtype. A few microseconds at decode sizes.
-  Decode (G * Sq <= 128 rows, 64 for head_dim 256) uses one row block and splits the KV length over
+  Decode (G * Sq <= 128 rows; 64 for head_dim 256, 32 for float32) uses one row block and splits the KV length over
   programs (``_num_splits``: about 2-3 resident programs per SM, chunk >= 128 tokens). The split count
   comes from host-side numbers only: B*Hkv, the SM count and the token bound (``kv.length``, a host int,
   in the dense path; ``max_blocks * block_size`` in the paged path, whose per-sequence lengths are read
@@ -55,10 +61,11 @@ Bytes read per decode step, per token and per KV head (the roofline's numerator)
   Per program, independent of the length: q (BLOCK_M*D*itemsize), Pi twice (2*D*D*4 from L2), means
   (2*D*4), and the float32 partials ((D + 2) * 4 B per row) written once and read once.
 
-Tiles: BLOCK_M = max(16, next_pow2(G * Sq)) rows (decode) or 128 / 64 (prefill); BLOCK_N (autotuned on
-GPU: 32 / 64 / 128 tokens, 4 / 8 warps; 16 under the interpreter). Slice widths are padded to a power of
-two >= 16 with masks (head_dim 96: W = 48 -> 64). Chunk of tokens per split: a multiple of 128 (16 under
-the interpreter).
+Tiles: BLOCK_M = max(16, next_pow2(G * Sq)) rows (decode) or 128 / 64 / 32 (prefill; 16-bit head_dim
+<= 128 / 256 / float32); BLOCK_N autotuned on GPU (32 / 64 / 128 tokens, 4 / 8 warps, configs that spill on
+sm_90 pruned; 16 under the interpreter). Sub-tile widths are padded to a power of two >= 16 with masks
+(head_dim 96, 4 bits: 24 -> 32). Packed views that are not aligned to E bytes fall back to E = 1. Chunk of
+tokens per split: a multiple of 128 (16 under the interpreter).
 
 Supported in the kernels: bits 1..8 for K and V independently (every plane layout of core/packing.py;
 2, 3 and 4 are the fast ones), head_dim up to 256 (any multiple of 8; non-powers of two padded with
@@ -86,107 +93,270 @@ _MASK_NONE, _MASK_BOOL, _MASK_ADD = 0, 1, 2
 _MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a ConstexprFunction in Triton 3.9: ~10 us a call from Python)."""
+    return -(-a // b)
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _slice_vals(t8, t4, t2, t1, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                SW: tl.constexpr, WP: tl.constexpr):  # fmt: skip
-    """centroids[idx] of slice S (coordinates S * SW + j, j < SW) as a [BLOCK_N, WP] tile in the table's dtype.
+def _load_units(row_ptrs, nmask, stride_byte, BITS: tl.constexpr, W: tl.constexpr, E: tl.constexpr,
+                HEAD_DIM: tl.constexpr, UWP: tl.constexpr):  # fmt: skip
+    """Every plane of BLOCK_N packed rows, loaded once, as int32 tiles (u8, u4, u2, u1) of [BLOCK_N, UWP] units.
 
-    t8 / t4 / t2 / t1: the plane tiles of _load_planes (unused planes: anything). A plane of width w and
-    R = HEAD_DIM * w / 8 bytes holds coordinate c in byte c mod R at bit w * (c div R) (core/packing.py);
-    its tile column j holds byte j mod R, so slice S's field is one constant shift when R == SW (the
-    widest plane) and a per-column shift w * (S * SW / R + j div R) otherwise. The first plane holds the
-    lowest bits.
+    A unit is E bytes (uint32 / uint16 / uint8). Planes (core/packing.py): 8 -> [8]; else the set bits of
+    BITS among 4, 2, 1, widest (W) first, starting at byte (BITS & ~(2w - 1)) * HEAD_DIM / 8, R_p =
+    HEAD_DIM * w / 8 bytes each. Column col < UW = R_W / E of a plane tile holds unit col mod (R_p / E):
+    one contiguous run for the widest plane (16-byte vector loads), R_W / R_p runs for narrower ones.
+    Columns >= UW and rows outside nmask are 0; absent planes are returned as nmask. E > 1 needs unit
+    stride between the bytes of a row (checked by the launcher).
     """
-    j = tl.arange(0, WP)
-    if BITS == 8:
-        idx = t8
+    col = tl.arange(0, UWP)
+    lmask = nmask[:, None] & (col < HEAD_DIM * W // 8 // E)[None, :]
+    if E == 4:
+        ptrs = row_ptrs.to(tl.pointer_type(tl.uint32))
+    elif E == 2:
+        ptrs = row_ptrs.to(tl.pointer_type(tl.uint16))
     else:
-        idx = 0
-        if (BITS & 4) != 0:
-            if SW == HEAD_DIM // 2:
-                f = (t4 >> (4 * S)) & 15
-            else:
-                f = (t4 >> (4 * (S * (SW // (HEAD_DIM // 2)) + j // (HEAD_DIM // 2)))[None, :]) & 15
-            idx = f
-        if (BITS & 2) != 0:
-            if SW == HEAD_DIM // 4:
-                f = (t2 >> (2 * S)) & 3
-            else:
-                f = (t2 >> (2 * (S * (SW // (HEAD_DIM // 4)) + j // (HEAD_DIM // 4)))[None, :]) & 3
-            idx = idx | (f << (BITS & 4))
-        if (BITS & 1) != 0:
-            if SW == HEAD_DIM // 8:
-                f = (t1 >> S) & 1
-            else:
-                f = (t1 >> (S * (SW // (HEAD_DIM // 8)) + j // (HEAD_DIM // 8))[None, :]) & 1
-            idx = idx | (f << (BITS & 6))
-    return tl.load(tab_ptr + idx)
+        ptrs = row_ptrs
+    u8 = nmask
+    u4 = nmask
+    u2 = nmask
+    u1 = nmask
+    if E == 1:
+        if BITS == 8:
+            u8 = tl.load(ptrs + (col * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
+        else:
+            if (BITS & 4) != 0:
+                off = col % (HEAD_DIM // 2)
+                u4 = tl.load(ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
+            if (BITS & 2) != 0:
+                off = (BITS & 4) * HEAD_DIM // 8 + col % (HEAD_DIM // 4)
+                u2 = tl.load(ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
+            if (BITS & 1) != 0:
+                off = (BITS & 6) * HEAD_DIM // 8 + col % (HEAD_DIM // 8)
+                u1 = tl.load(ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
+    else:
+        if BITS == 8:
+            u8 = tl.load(ptrs + col[None, :], mask=lmask, other=0).to(tl.int32)
+        else:
+            if (BITS & 4) != 0:
+                off = col % (HEAD_DIM // 2 // E)
+                u4 = tl.load(ptrs + off[None, :], mask=lmask, other=0).to(tl.int32)
+            if (BITS & 2) != 0:
+                off = (BITS & 4) * HEAD_DIM // 8 // E + col % (HEAD_DIM // 4 // E)
+                u2 = tl.load(ptrs + off[None, :], mask=lmask, other=0).to(tl.int32)
+            if (BITS & 1) != 0:
+                off = (BITS & 6) * HEAD_DIM // 8 // E + col % (HEAD_DIM // 8 // E)
+                u1 = tl.load(ptrs + off[None, :], mask=lmask, other=0).to(tl.int32)
+    return u8, u4, u2, u1
 
 
 @triton.jit
-def _load_planes(row_ptrs, nmask, stride_byte, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, SW: tl.constexpr,
-                 WP: tl.constexpr):  # fmt: skip
-    """Each plane of BLOCK_N packed rows, loaded once, as int32 [BLOCK_N, WP] tiles (t8, t4, t2, t1).
+def _field(u, T: tl.constexpr, W_PL: tl.constexpr, R_PL: tl.constexpr, LOW: tl.constexpr, W: tl.constexpr,
+           E: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, LG: tl.constexpr,
+           MASK: tl.constexpr = True):  # fmt: skip
+    """Index bits of sub-tile T held by one plane tile u (width W_PL, R_PL bytes), already shifted to their
+    byte offset in the codebook table: bits LOW .. LOW + W_PL - 1 of the index, times 2**LG. MASK=False
+    leaves whatever other bits the shift brought along (the shuffle gather masks or ignores them).
 
-    Planes (core/packing.py): 8 -> [8]; else the set bits of BITS among 4, 2, 1, widest first, starting at
-    byte (BITS & ~(2w - 1)) * HEAD_DIM / 8. A plane's R bytes divide the slice width SW; tile column j < SW
-    holds byte j mod R: SW / R contiguous runs (one for the widest plane), i.e. 16-byte vector loads.
-    Columns >= SW and rows outside nmask are 0; absent planes are returned as nmask.
+    Sub-tile T covers coordinates c = E * col + e + f * R_W (e = T % E, f = T // E; R_W: widest plane).
+    In plane p, c sits in unit col mod (R_PL / E), byte e, bit W_PL * (f * R_W / R_PL + col div (R_PL / E)).
     """
-    j = tl.arange(0, WP)
-    lmask = nmask[:, None] & (j < SW)[None, :]
-    t8 = nmask
-    t4 = nmask
-    t2 = nmask
-    t1 = nmask
-    if BITS == 8:
-        t8 = tl.load(row_ptrs + (j * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
-    else:
-        if (BITS & 4) != 0:
-            off = j % (HEAD_DIM // 2)
-            t4 = tl.load(row_ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
-        if (BITS & 2) != 0:
-            off = (BITS & 4) * HEAD_DIM // 8 + j % (HEAD_DIM // 4)
-            t2 = tl.load(row_ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
-        if (BITS & 1) != 0:
-            off = (BITS & 6) * HEAD_DIM // 8 + j % (HEAD_DIM // 8)
-            t1 = tl.load(row_ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
-    return t8, t4, t2, t1
+    R_W = HEAD_DIM * W // 8
+    UW = R_W // E
+    DIV = R_PL // E
+    DST = LOW + LG
+    M = ((1 << W_PL) - 1) << DST
+    s0 = 8 * (T % E) + W_PL * (T // E) * (R_W // R_PL)
+    if DIV >= UW:  # the widest plane: one shift
+        if not MASK:
+            r = u >> s0
+        elif s0 >= DST:
+            r = (u >> (s0 - DST)) & M
+        else:
+            r = (u << (DST - s0)) & M
+    else:  # a narrower plane: the bit position steps every DIV columns (padded columns clamped)
+        col = tl.minimum(tl.arange(0, UWP), UW - 1)
+        sh = s0 + W_PL * (col // DIV)
+        s1 = s0 + W_PL * ((UW - 1) // DIV)
+        if s0 >= DST:
+            r = u >> (sh - DST)[None, :]
+        elif s1 <= DST:
+            r = u << (DST - sh)[None, :]
+        else:
+            r = (u >> tl.maximum(sh - DST, 0)[None, :]) << tl.maximum(DST - sh, 0)[None, :]
+        if MASK:
+            r = r & M
+    return r
 
 
 @triton.jit
-def _rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, S: tl.constexpr, SW: tl.constexpr,
-               WP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_K: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """float32 [BLOCK_M, WP]: column j < SW is (q @ Pi.T)[:, S * SW + j] (q rows at q_off; padded columns 0)."""
-    j = tl.arange(0, WP)
-    jm = j < SW
-    acc = tl.zeros([BLOCK_M, WP], dtype=tl.float32)
+def _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, T: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
+              E: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, cdt: tl.constexpr,
+              GATHER: tl.constexpr):  # fmt: skip
+    """centroids[idx] of sub-tile T as a [BLOCK_N, UWP] tile in cdt (the codebook table's dtype).
+
+    GATHER 0 (any bits; the interpreter): a load per element. tab_base is the table's address as int64,
+    aligned to its size rounded up to a power of two, so entry idx is at tab_base | (idx << LG): one shift
+    and one and-or per plane, then the load (a 16-entry fp16 table is one 32-byte sector: one wavefront).
+    GATHER 1 (bits <= 5, GPU): a warp shuffle per element, no address: lane_tab holds, in every lane l, the
+    bits of entry l mod 2**BITS, and shfl.sync.idx reads lane idx (its low 5 bits: the bits above BITS only
+    pick a replica), e.g. 4 bits: one shift and one SHFL per element.
+    """
+    if GATHER == 1:
+        LG = 0
+    else:
+        LG = cdt.primitive_bitwidth // 16  # log2 of the element size: fp16 / bf16 1, fp32 2
+    if BITS == 8:
+        off = _field(u8, T, 8, HEAD_DIM, 0, W, E, HEAD_DIM, UWP, LG)
+    elif BITS == 4 or BITS == 2 or BITS == 1:
+        if BITS == 4:
+            off = _field(u4, T, 4, HEAD_DIM // 2, 0, W, E, HEAD_DIM, UWP, LG, GATHER == 0)
+        elif BITS == 2:
+            off = _field(u2, T, 2, HEAD_DIM // 4, 0, W, E, HEAD_DIM, UWP, LG, GATHER == 0)
+        else:
+            off = _field(u1, T, 1, HEAD_DIM // 8, 0, W, E, HEAD_DIM, UWP, LG, GATHER == 0)
+    elif GATHER == 1:  # two planes (3 = [2, 1], 5 = [4, 1]): one bit-select merges them, no masks
+        if (BITS & 4) != 0:
+            lo = _field(u4, T, 4, HEAD_DIM // 2, 0, W, E, HEAD_DIM, UWP, 0, False)
+            hi = _field(u1, T, 1, HEAD_DIM // 8, 4, W, E, HEAD_DIM, UWP, 0, False)
+            off = (lo & 15) | (hi & -16)
+        else:
+            lo = _field(u2, T, 2, HEAD_DIM // 4, 0, W, E, HEAD_DIM, UWP, 0, False)
+            hi = _field(u1, T, 1, HEAD_DIM // 8, 2, W, E, HEAD_DIM, UWP, 0, False)
+            off = (lo & 3) | (hi & -4)
+    else:
+        off = 0
+        if (BITS & 4) != 0:
+            off = _field(u4, T, 4, HEAD_DIM // 2, 0, W, E, HEAD_DIM, UWP, LG)
+        if (BITS & 2) != 0:
+            off = off | _field(u2, T, 2, HEAD_DIM // 4, BITS & 4, W, E, HEAD_DIM, UWP, LG)
+        if (BITS & 1) != 0:
+            off = off | _field(u1, T, 1, HEAD_DIM // 8, BITS & 6, W, E, HEAD_DIM, UWP, LG)
+    if GATHER == 1:
+        v = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r", [lane_tab, off],
+                                      dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+        if cdt.primitive_bitwidth == 16:
+            return v.to(tl.int16).to(cdt, bitcast=True)
+        else:
+            return v.to(cdt, bitcast=True)
+    else:
+        return tl.load((tab_base | off.to(tl.int64)).to(tl.pointer_type(cdt)))
+
+
+@triton.jit
+def _lane_table(tab_ptr, like, LEVELS: tl.constexpr, GATHER: tl.constexpr):
+    """GATHER 1: int32 tensor shaped like `like` whose value in lane l is the bits of entry l mod LEVELS
+    (LEVELS <= 32) of the table. Built from scalars and %laneid only (no tensor load), so it takes the
+    layout of its user with no data movement: every register holds its own lane's entry. GATHER 0: like."""
+    if GATHER == 1:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.zeros_like(like)], dtype=tl.int32,
+                                         is_pure=True, pack=1) % LEVELS  # fmt: skip
+        if tab_ptr.dtype.element_ty.primitive_bitwidth == 16:
+            t = tl.zeros_like(like) + tl.load(tab_ptr).to(tl.int16, bitcast=True).to(tl.int32)
+        else:
+            t = tl.zeros_like(like) + tl.load(tab_ptr).to(tl.int32, bitcast=True)
+        for i in tl.static_range(1, LEVELS):
+            if tab_ptr.dtype.element_ty.primitive_bitwidth == 16:
+                e = tl.load(tab_ptr + i).to(tl.int16, bitcast=True).to(tl.int32)
+            else:
+                e = tl.load(tab_ptr + i).to(tl.int32, bitcast=True)
+            t = tl.where(lane == i, e, t)
+        return t
+    else:
+        return like
+
+
+@triton.jit
+def _tile_vals(u8, u4, u2, u1, tab_base, lane_tab, BITS: tl.constexpr, W: tl.constexpr, E: tl.constexpr,
+               NT: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, cdt: tl.constexpr,
+               GATHER: tl.constexpr):  # fmt: skip
+    """The NT sub-tiles side by side, [BLOCK_N, NT * UWP] in cdt: column p holds sub-tile bitrev(p % NT), column
+    p // NT (tl.join keeps each pair in one thread: no data movement). _tile_coords maps columns to coordinates."""
+    x = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 0, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+    if NT >= 2:
+        x = tl.join(x, _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 1, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER))
+    if NT >= 4:
+        y2 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 2, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        y3 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 3, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        x = tl.join(x, tl.join(y2, y3))
+    if NT >= 8:
+        y4 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 4, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        y5 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 5, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        y6 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 6, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        y7 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 7, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        x = tl.join(x, tl.join(tl.join(y4, y5), tl.join(y6, y7)))
+    return tl.reshape(x, [x.shape[0], NT * UWP])
+
+
+@triton.jit
+def _tile_coords(W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr):
+    """Head-dim coordinate of each column of a _tile_vals tile, and the mask of real (unpadded) columns.
+
+    Column p: sub-tile T = bitrev(p % NT), column col = p // NT; coordinate E * col + T % E + (T // E) * R_W.
+    """
+    p = tl.arange(0, NT * UWP)
+    col = p // NT
+    r = p % NT
+    if NT == 8:
+        t = ((r & 1) << 2) | (r & 2) | (r >> 2)
+    elif NT == 4:
+        t = ((r & 1) << 1) | (r >> 1)
+    else:
+        t = r
+    R_W = HEAD_DIM * W // 8
+    return E * col + t % E + (t // E) * R_W, col < R_W // E
+
+
+@triton.jit
+def _rot_q(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, W: tl.constexpr, E: tl.constexpr,
+           NT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, UWP: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """float32 [BLOCK_M, NT * UWP]: (q @ Pi.T) in the column order of _tile_vals (q rows at q_off; padding 0)."""
+    c, cm = _tile_coords(W, E, NT, HEAD_DIM, UWP)
+    acc = tl.zeros([BLOCK_M, NT * UWP], dtype=tl.float32)
     for kc in tl.static_range(HEAD_DP // BLOCK_K):
         k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         km = k < HEAD_DIM
         qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
                      other=0.0).to(tl.float32)  # fmt: skip
-        # pit[k, j] = Pi[S * SW + j, k]
-        pit = tl.load(pi_ptr + ((S * SW + j) * stride_pr)[None, :] + (k * stride_pc)[:, None],
-                      mask=km[:, None] & jm[None, :], other=0.0)  # fmt: skip
+        pit = tl.load(pi_ptr + (c * stride_pr)[None, :] + (k * stride_pc)[:, None], mask=km[:, None] & cm[None, :],
+                      other=0.0)  # fmt: skip
         acc = tl.dot(qc, pit, acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
-def _unrot_slice(o, acc, pi_ptr, stride_pr, stride_pc, c, cmask, S: tl.constexpr, SW: tl.constexpr,
-                 WP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """o + acc @ Pi[S * SW : S * SW + SW, c]: the rotated-space slice S of acc brought back to columns c."""
-    j = tl.arange(0, WP)
-    pi = tl.load(pi_ptr + ((S * SW + j) * stride_pr)[:, None] + (c * stride_pc)[None, :],
-                 mask=(j < SW)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+def _unrot(o, acc, pi_ptr, stride_pr, stride_pc, cols, cmask, W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr,
+           HEAD_DIM: tl.constexpr, UWP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """o + acc @ Pi[coords, cols]: a rotated-space accumulator (column order of _tile_vals) back to columns cols."""
+    c, cm = _tile_coords(W, E, NT, HEAD_DIM, UWP)
+    pi = tl.load(pi_ptr + (c * stride_pr)[:, None] + (cols * stride_pc)[None, :], mask=cm[:, None] & cmask[None, :],
+                 other=0.0)  # fmt: skip
     return tl.dot(acc, pi, o, input_precision=PREC)
+
+
+@triton.jit
+def _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb, stride_kpn, stride_knb, stride_knn,
+               stride_vpb, stride_vpn, stride_vnb, stride_vnn, PAGED: tl.constexpr,
+               PAGE_SIZE: tl.constexpr):  # fmt: skip
+    """Row offsets (k packed, k norms, v packed, v norms) of compressed tokens n (head offsets excluded)."""
+    if PAGED:
+        blk = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + (n // PAGE_SIZE) * stride_btn, mask=nmask,
+                      other=0).to(tl.int64)  # fmt: skip
+        slot = (n % PAGE_SIZE).to(tl.int64)
+        return (blk * stride_kpb + slot * stride_kpn, blk * stride_knb + slot * stride_knn,
+                blk * stride_vpb + slot * stride_vpn, blk * stride_vnb + slot * stride_vnn)  # fmt: skip
+    else:
+        n64 = n.to(tl.int64)
+        b64 = b.to(tl.int64)
+        return (b64 * stride_kpb + n64 * stride_kpn, b64 * stride_knb + n64 * stride_knn,
+                b64 * stride_vpb + n64 * stride_vpn, b64 * stride_vnb + n64 * stride_vnn)  # fmt: skip
 
 
 @triton.jit
@@ -218,10 +388,11 @@ def _tq_attn_kernel(
     ws_ptr,
     HKV, SQ, M_TOTAL, MP, NS_C, NS, n_comp, se_len, chunk, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_P: tl.constexpr, V_P: tl.constexpr,
-    K_WP: tl.constexpr, V_WP: tl.constexpr,
+    K_BITS: tl.constexpr, K_W: tl.constexpr, K_E: tl.constexpr, K_NT: tl.constexpr, K_UWP: tl.constexpr,
+    V_BITS: tl.constexpr, V_W: tl.constexpr, V_E: tl.constexpr, V_NT: tl.constexpr, V_UWP: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
+    K_GATHER: tl.constexpr, V_GATHER: tl.constexpr,
     DOT_PREC: tl.constexpr, ROT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -235,7 +406,7 @@ def _tq_attn_kernel(
     kn    dense [B, Hkv, cap] / paged [num_blocks, Hkv, PAGE_SIZE]  float32  strides (stride_knb, stride_knh,
           stride_knn)
     vp, vn    as kp, kn with v_bits
-    kc, vc    [2**bits] codebooks in the query dtype, contiguous
+    kc, vc    [2**bits] codebooks in the query dtype, each aligned to its size rounded up to a power of two
     bt    [B, max_blocks] int32  strides (stride_btb, stride_btn)       (PAGED only)
     sl    [B] int32 contiguous: compressed tokens per sequence        (PAGED only; dense: n_comp)
     ke/ve [B, Hkv, Se, D]             query dtype   strides (stride_ke*, stride_ve*)   (read when se_len > 0)
@@ -243,8 +414,9 @@ def _tq_attn_kernel(
           strides (stride_mb, stride_mh, stride_mq, stride_mk)         (read when MASK_MODE != 0)
     ws    float32 workspace, contiguous: acc [B*Hkv, NS, MP, HEAD_DP] (original space, unnormalised), then
           m [B*Hkv, NS, MP] (running max, base 2), then l [B*Hkv, NS, MP]; rows >= M_TOTAL are not written.
-    K_P / V_P slices of K_WP / V_WP columns (HEAD_DIM / P, padded to a power of two >= 16).
-    Grid (row blocks, NS, B * Hkv).
+    K geometry: widest plane K_W bits, units of K_E bytes, K_NT = K_E * 8 / K_W sub-tiles of
+    R_W / K_E columns (padded to K_UWP), sub-tile T holding coordinates K_E * col + T % K_E + (T // K_E) * R_W
+    (R_W = D * K_W / 8). V likewise. Grid (row blocks, NS, B * Hkv).
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -275,8 +447,6 @@ def _tq_attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     cdt = q_ptr.dtype.element_ty  # compute dtype of the tl.dot operands (= query dtype)
-    K_SW = HEAD_DIM // K_P  # constexpr slice widths
-    V_SW = HEAD_DIM // V_P
 
     if split < NS_C:
         start = split * chunk
@@ -284,60 +454,47 @@ def _tq_attn_kernel(
         if CAUSAL_COMP:
             # bottom-right over the whole key sequence: key j visible to row s iff j <= s + nc + Se - Sq
             end = tl.minimum(end, s_max + nc + se_len - SQ + 1)
-        # prologue: <q, k_mean> and the rotated query slices, pre-scaled by scale * log2(e)
-        q = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
+        # prologue: <q, k_mean> and the rotated query sub-tiles, pre-scaled by scale * log2(e)
+        q32 = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
+                      other=0.0).to(tl.float32)  # fmt: skip
         kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + d * stride_kmd, mask=dmask, other=0.0)
-        qkm = tl.sum(q * kmv[None, :], axis=1) * qk_scale
-        qr0 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 0, K_SW, K_WP, HEAD_DIM,
-                          HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
-        if K_P > 1:
-            qr1 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 1, K_SW, K_WP, HEAD_DIM,
-                              HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
-        if K_P > 2:
-            qr2 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 2, K_SW, K_WP, HEAD_DIM,
-                              HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
-            qr3 = (_rot_slice(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, 3, K_SW, K_WP, HEAD_DIM,
-                              HEAD_DP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
-        acc0 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_M, V_WP], dtype=tl.float32)
-        k_head = kvh.to(tl.int64) * stride_kph
-        kn_head = kvh.to(tl.int64) * stride_knh
-        v_head = kvh.to(tl.int64) * stride_vph
-        vn_head = kvh.to(tl.int64) * stride_vnh
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + nn
-            nmask = n < end
-            if PAGED:
-                blk = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + (n // PAGE_SIZE) * stride_btn, mask=nmask,
-                              other=0).to(tl.int64)  # fmt: skip
-                slot = (n % PAGE_SIZE).to(tl.int64)
-                k_row = blk * stride_kpb + slot * stride_kpn
-                kn_row = blk * stride_knb + slot * stride_knn
-                v_row = blk * stride_vpb + slot * stride_vpn
-                vn_row = blk * stride_vnb + slot * stride_vnn
-            else:
-                n64 = n.to(tl.int64)
-                k_row = b.to(tl.int64) * stride_kpb + n64 * stride_kpn
-                kn_row = b.to(tl.int64) * stride_knb + n64 * stride_knn
-                v_row = b.to(tl.int64) * stride_vpb + n64 * stride_vpn
-                vn_row = b.to(tl.int64) * stride_vnb + n64 * stride_vnn
-            # scores: one tl.dot per K slice
-            k8, k4, k2, k1 = _load_planes(kp_ptr + (k_head + k_row)[:, None], nmask, stride_kpd, K_BITS, HEAD_DIM,
-                                          K_SW, K_WP)  # fmt: skip
-            kn = tl.load(kn_ptr + kn_head + kn_row, mask=nmask, other=0.0)
-            kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 0, K_BITS, HEAD_DIM, K_SW, K_WP)
-            sc = tl.dot(qr0, tl.trans(kh), input_precision=DOT_PREC)
-            if K_P > 1:
-                kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 1, K_BITS, HEAD_DIM, K_SW, K_WP)
-                sc = tl.dot(qr1, tl.trans(kh), sc, input_precision=DOT_PREC)
-            if K_P > 2:
-                kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 2, K_BITS, HEAD_DIM, K_SW, K_WP)
-                sc = tl.dot(qr2, tl.trans(kh), sc, input_precision=DOT_PREC)
-                kh = _slice_vals(k8, k4, k2, k1, kc_ptr, 3, K_BITS, HEAD_DIM, K_SW, K_WP)
-                sc = tl.dot(qr3, tl.trans(kh), sc, input_precision=DOT_PREC)
+        qkm = tl.sum(q32 * kmv[None, :], axis=1) * qk_scale
+        qr = (_rot_q(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, K_W, K_E, K_NT, HEAD_DIM, HEAD_DP,
+                     K_UWP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
+        acc_r = tl.zeros([BLOCK_M, V_NT * V_UWP], dtype=tl.float32)  # rotated space, _tile_vals column order
+        kbase = kc_ptr.to(tl.int64)
+        vbase = vc_ptr.to(tl.int64)
+        k_head = kp_ptr + kvh.to(tl.int64) * stride_kph
+        kn_head = kn_ptr + kvh.to(tl.int64) * stride_knh
+        v_head = vp_ptr + kvh.to(tl.int64) * stride_vph
+        vn_head = vn_ptr + kvh.to(tl.int64) * stride_vnh
+        # software pipelining by hand: the packed bytes and norms of tile i + 1 are loaded (into registers)
+        # while tile i is computed, so the HBM latency overlaps the tile building.
+        n = start + nn
+        nmask = n < end
+        k_row, kn_row, v_row, vn_row = _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb, stride_kpn,
+                                                  stride_knb, stride_knn, stride_vpb, stride_vpn, stride_vnb,
+                                                  stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
+        k8, k4, k2, k1 = _load_units(k_head + k_row[:, None], nmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM, K_UWP)
+        v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM, V_UWP)
+        kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0)
+        vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
+        klane = _lane_table(kc_ptr, tl.zeros([BLOCK_N, K_UWP], dtype=tl.int32), 1 << K_BITS, K_GATHER)
+        vlane = _lane_table(vc_ptr, tl.zeros([BLOCK_N, V_UWP], dtype=tl.int32), 1 << V_BITS, V_GATHER)
+        for _ in range(start, end, BLOCK_N):
+            nx = n + BLOCK_N
+            nxmask = nx < end
+            k_row, kn_row, v_row, vn_row = _tile_rows(nx, nxmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb,
+                                                      stride_kpn, stride_knb, stride_knn, stride_vpb, stride_vpn,
+                                                      stride_vnb, stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
+            k8x, k4x, k2x, k1x = _load_units(k_head + k_row[:, None], nxmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM,
+                                             K_UWP)  # fmt: skip
+            v8x, v4x, v2x, v1x = _load_units(v_head + v_row[:, None], nxmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM,
+                                             V_UWP)  # fmt: skip
+            knx = tl.load(kn_head + kn_row, mask=nxmask, other=0.0)
+            vnx = tl.load(vn_head + vn_row, mask=nxmask, other=0.0)
+            kh = _tile_vals(k8, k4, k2, k1, kbase, klane, K_BITS, K_W, K_E, K_NT, HEAD_DIM, K_UWP, cdt, K_GATHER)
+            sc = tl.dot(qr, tl.trans(kh), input_precision=DOT_PREC)
             sc = sc * kn[None, :] + qkm[:, None]
             valid = nmask[None, :]
             if CAUSAL_COMP:
@@ -352,34 +509,24 @@ def _tq_attn_kernel(
                              mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
                 sc = sc + mv.to(tl.float32) * 1.4426950408889634
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
-            # values: P @ V per V slice, P pre-multiplied by the value norms
-            v8, v4, v2, v1 = _load_planes(vp_ptr + (v_head + v_row)[:, None], nmask, stride_vpd, V_BITS, HEAD_DIM,
-                                          V_SW, V_WP)  # fmt: skip
-            vn = tl.load(vn_ptr + vn_head + vn_row, mask=nmask, other=0.0)
+            # values: P @ V, P pre-multiplied by the value norms
             pv = (p * vn[None, :]).to(cdt)
-            vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 0, V_BITS, HEAD_DIM, V_SW, V_WP)
-            acc0 = tl.dot(pv, vh, acc0 * alpha[:, None], input_precision=DOT_PREC)
-            if V_P > 1:
-                vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 1, V_BITS, HEAD_DIM, V_SW, V_WP)
-                acc1 = tl.dot(pv, vh, acc1 * alpha[:, None], input_precision=DOT_PREC)
-            if V_P > 2:
-                vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 2, V_BITS, HEAD_DIM, V_SW, V_WP)
-                acc2 = tl.dot(pv, vh, acc2 * alpha[:, None], input_precision=DOT_PREC)
-                vh = _slice_vals(v8, v4, v2, v1, vc_ptr, 3, V_BITS, HEAD_DIM, V_SW, V_WP)
-                acc3 = tl.dot(pv, vh, acc3 * alpha[:, None], input_precision=DOT_PREC)
+            vh = _tile_vals(v8, v4, v2, v1, vbase, vlane, V_BITS, V_W, V_E, V_NT, HEAD_DIM, V_UWP, cdt, V_GATHER)
+            acc_r = tl.dot(pv, vh, acc_r * alpha[:, None], input_precision=DOT_PREC)
+            n = nx
+            nmask = nxmask
+            k8, k4, k2, k1 = k8x, k4x, k2x, k1x
+            v8, v4, v2, v1 = v8x, v4x, v2x, v1x
+            kn = knx
+            vn = vnx
         # epilogue: back to the original space, o = acc_rot @ Pi + l * v_mean, by column blocks
         for cb in tl.static_range(HEAD_DP // BLOCK_C):
-            c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-            cmask = c < HEAD_DIM
-            vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + c * stride_vmd, mask=cmask, other=0.0)
+            cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = cols < HEAD_DIM
+            vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + cols * stride_vmd, mask=cmask, other=0.0)
             o = l_i[:, None] * vmv[None, :]
-            o = _unrot_slice(o, acc0, pi_ptr, stride_pr, stride_pc, c, cmask, 0, V_SW, V_WP, ROT_PREC)
-            if V_P > 1:
-                o = _unrot_slice(o, acc1, pi_ptr, stride_pr, stride_pc, c, cmask, 1, V_SW, V_WP, ROT_PREC)
-            if V_P > 2:
-                o = _unrot_slice(o, acc2, pi_ptr, stride_pr, stride_pc, c, cmask, 2, V_SW, V_WP, ROT_PREC)
-                o = _unrot_slice(o, acc3, pi_ptr, stride_pr, stride_pc, c, cmask, 3, V_SW, V_WP, ROT_PREC)
-            tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + c[None, :], o, mask=rmask[:, None])
+            o = _unrot(o, acc_r, pi_ptr, stride_pr, stride_pc, cols, cmask, V_W, V_E, V_NT, HEAD_DIM, V_UWP, ROT_PREC)
+            tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + cols[None, :], o, mask=rmask[:, None])
     else:
         start = (split - NS_C) * chunk
         end = tl.minimum(start + chunk, se_len)
@@ -478,25 +625,26 @@ def _tq_reduce_kernel(
 
 _ATTN_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn, w, s in [
-        (32, 4, 1), (32, 4, 2), (32, 4, 3), (32, 8, 2),
-        (64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 8, 1), (64, 8, 2), (64, 8, 3),
-        (128, 8, 1), (128, 8, 2),
-    ]
-]  # fmt: skip
+    for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 2), (32, 8, 2)]
+]  # the packed bytes are prefetched by hand one tile ahead (num_stages only pipelines the norms)
 
 
 def _prune_attn_configs(configs, named_args, **kwargs):
-    """Drop tiles that spill registers on sm_90 (checked with ptxas). Configs that exceed shared memory
-    are skipped by the autotuner itself (OutOfResources)."""
+    """Drop tiles that spill registers on sm_90 (ptxas through Triton 3.9's sm_90 compile of every class: decode
+    TQ4 / TQ3 / K4V2 fp16, bf16 GQA-7 Sq=4, chunked prefill, float32). Configs that exceed shared memory are
+    skipped by the autotuner itself (OutOfResources)."""
     hdp = kwargs.get("HEAD_DP", named_args.get("HEAD_DP"))
     block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+    q = named_args.get("q_ptr")
+    fp32 = q is not None and q.dtype == torch.float32
     keep = []
     for c in configs:
-        bn = c.kwargs["BLOCK_N"]
-        if block_m >= 64 and bn > 64:
+        bn, warps = c.kwargs["BLOCK_N"], c.num_warps
+        if block_m >= 64 and (bn > 32 or warps < 8):  # prefill row tiles: big accumulators
             continue
-        if block_m * hdp >= 128 * 128 and c.num_warps == 4:
+        if (fp32 or hdp > 128) and (warps < 8 or bn > 64):
+            continue
+        if block_m >= 32 and warps < 8 and bn > 32:
             continue
         keep.append(c)
     return keep or configs[:1]
@@ -506,7 +654,7 @@ def _prune_attn_configs(configs, named_args, **kwargs):
 def _tuned_attn_kernel():
     return triton.autotune(
         configs=_ATTN_CONFIGS,
-        key=["BLOCK_M", "HEAD_DP", "K_BITS", "V_BITS", "PAGED", "MASK_MODE", "CAUSAL"],
+        key=["BLOCK_M", "HEAD_DP", "K_BITS", "V_BITS", "K_E", "V_E", "PAGED", "MASK_MODE", "CAUSAL"],
         prune_configs_by={"early_config_prune": _prune_attn_configs},
     )(_tq_attn_kernel)
 
@@ -690,74 +838,108 @@ def _paged_reference(query, k_packed, k_norms, v_packed, v_norms, block_table, s
 # Launch
 # --------------------------------------------------------------------------------------------------
 
+# Centroid lookup on the GPU for bits <= 5: warp shuffle (True) or an L1 load per element (False, as in the
+# interpreter). Module-level so benchmarks can compare the two.
+SHUFFLE_GATHER = True
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
-_SPLIT_OVERHEAD = 3  # fixed cost of one program (Pi twice from L2, partials, ramp-up), in units of _MIN_CHUNK tokens
+_SPLIT_OVERHEAD = 3  # fixed cost of one program (Pi twice from L2, ramp-up), in units of _MIN_CHUNK tokens
 _MAX_SPLITS = 128
 _CODEBOOKS: dict = {}  # (id(codecs), dtype) -> (codecs, k table, v table)
 _CODECS_OK: dict = {}  # (id(codecs), head_dim, device) -> codecs, validated once
 
 
-def _num_slices(bits: int) -> int:
-    """Slices of the head dim per tl.dot: 8 / (widest plane width), at most 4 (4 bits: 2; 2 and 3 bits: 4)."""
-    widest = 8 if bits == 8 else (4 if bits & 4 else 2 if bits & 2 else 1)
-    return min(4, 8 // widest)
+def _widest_plane(bits: int) -> int:
+    return 8 if bits == 8 else (4 if bits & 4 else 2 if bits & 2 else 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(bits: int, d: int, max_unit: int) -> tuple[int, int, int]:
+    """(W, E, UWP) of one side: widest plane width, unit bytes, padded sub-tile width (see _tq_attn_kernel).
+
+    E is the widest unit (4 / 2 / 1 bytes, <= max_unit, <= W so there are at most 8 sub-tiles) that keeps
+    >= 16 columns per sub-tile (tl.dot's minimum). 4 bits, head_dim 128: E = 4, 8 sub-tiles of 16 columns;
+    2 and 3 bits: E = 2, 8 sub-tiles of 16.
+    """
+    w = _widest_plane(bits)
+    r_w = d * w // 8
+    e = 1
+    for cand in (4, 2):
+        if cand <= max_unit and cand <= w and r_w % cand == 0 and r_w // cand >= 16:
+            e = cand
+            break
+    return w, e, max(16, next_pow2(r_w // e))
+
+
+def _max_unit(packed: torch.Tensor) -> int:
+    """Widest unit (bytes) the kernel may load from this packed tensor: unit-stride bytes, aligned rows."""
+    if packed.stride(-1) != 1:
+        return 1
+    for e in (4, 2):
+        if packed.data_ptr() % e == 0 and all(st % e == 0 for st in packed.stride()[:-1]):
+            return e
+    return 1
 
 
 def _codebooks(codecs: Codecs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K / V codebooks in the compute dtype, converted once per (Codecs, dtype)."""
+    """The K / V codebooks in the compute dtype, built once per (Codecs, dtype), each 1 KB aligned (the kernel
+    addresses entry idx as base | idx * itemsize)."""
     key = (id(codecs), dtype)
     hit = _CODEBOOKS.get(key)
     if hit is not None and hit[0] is codecs:
         return hit[1], hit[2]
-    k = codecs.k_centroids.to(dtype).contiguous()
-    v = codecs.v_centroids.to(dtype).contiguous()
+    buf = torch.zeros(3 * 1024, dtype=torch.uint8, device=codecs.rotation.device)
+    off = -buf.data_ptr() % 1024
+    tabs = []
+    for i, cent in enumerate((codecs.k_centroids, codecs.v_centroids)):
+        t = buf[off + i * 1024 : off + i * 1024 + cent.numel() * dtype.itemsize].view(dtype)
+        t.copy_(cent)
+        tabs.append(t)
     if len(_CODEBOOKS) >= 64:
         _CODEBOOKS.clear()
-    _CODEBOOKS[key] = (codecs, k, v)
-    return k, v
+    _CODEBOOKS[key] = (codecs, tabs[0], tabs[1])
+    return tabs[0], tabs[1]
 
 
 @functools.lru_cache(maxsize=256)
-def _shape_plan(hq: int, sq: int, d: int, hkv: int, k_bits: int, v_bits: int, dtype: torch.dtype, interp: bool):
-    """Tile shapes from the head counts, Sq, head_dim, bits and dtype (interpreter: fewest, widest steps)."""
+def _shape_plan(hq: int, sq: int, d: int, hkv: int, dtype: torch.dtype, interp: bool):
+    """Tile shapes from the head counts, Sq, head_dim and dtype (interpreter: fewest, widest steps)."""
     group = hq // hkv
     rows = group * sq
     hdp = max(16, next_pow2(d))
-    single_max = 128 if hdp <= 128 else 64
+    single_max = 32 if dtype == torch.float32 else (128 if hdp <= 128 else 64)  # bigger row tiles spill on sm_90
     if rows <= single_max:
         block_m, m_blocks = max(16, next_pow2(rows)), 1
     else:
         # chunked prefill: big row tiles amortise the tile building over more query rows
-        block_m, m_blocks = single_max, triton.cdiv(rows, single_max)
-    k_p, v_p = _num_slices(k_bits), _num_slices(v_bits)
-    k_wp, v_wp = max(16, next_pow2(d // k_p)), max(16, next_pow2(d // v_p))
+        block_m, m_blocks = single_max, _cdiv(rows, single_max)
     # float32 queries: 3xTF32 (float32-level accuracy on tensor cores; "ieee" FMA dots spill on sm_90).
     prec = "tf32x3" if dtype == torch.float32 else "tf32"
     meta = dict(
-        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, K_BITS=k_bits, V_BITS=v_bits, K_P=k_p, V_P=v_p, K_WP=k_wp,
-        V_WP=v_wp, DOT_PREC=prec, ROT_PREC=prec, BLOCK_M=block_m,
+        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, DOT_PREC=prec, ROT_PREC=prec, BLOCK_M=block_m,
         BLOCK_K=hdp if interp else min(32, hdp), BLOCK_C=hdp if interp else min(64, hdp),
     )  # fmt: skip
     return group, rows, hdp, block_m, m_blocks, block_m * m_blocks, meta
 
 
 @functools.lru_cache(maxsize=4096)
-def _num_splits(programs: int, chunks: int, sms: int) -> int:
+def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16) -> int:
     """Splits of the token range for `programs` (B*Hkv*row blocks) and `chunks` (tokens / _MIN_CHUNK).
 
     Model: an SM holding k programs takes k * (chunks / ns + overhead), at full speed only with >= 2 resident
-    programs (one alone cannot keep enough loads in flight). Fewest splits among the cheapest.
+    programs (one alone cannot keep enough loads in flight); the overhead of a split grows with its partials
+    (BLOCK_M rows). Fewest splits among the cheapest.
     """
+    overhead = _SPLIT_OVERHEAD + block_m / 16
     best, best_cost = 1, float("inf")
     for ns in range(1, min(chunks, _MAX_SPLITS) + 1):
         k = -(-programs * ns // sms)
-        cost = k * 2 / min(k, 2) * (-(-chunks // ns) + _SPLIT_OVERHEAD)
+        cost = k * 2 / min(k, 2) * (-(-chunks // ns) + overhead)
         if cost < best_cost:
             best, best_cost = ns, cost
     return best
 
 
-def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, interp: bool):
+def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, interp: bool, block_m: int):
     """(chunk, NS_C, NS_E) from host-side numbers only."""
     total = max(1, max_tokens + se)
     align = 16 if interp else _MIN_CHUNK
@@ -766,12 +948,12 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
         if want < 1:
             raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
     elif interp:
-        want = triton.cdiv(16, programs)
+        want = _cdiv(16, programs)
     else:
-        want = _num_splits(programs, triton.cdiv(total, align), _num_sms(device.index or 0))
-    want = max(1, min(want, triton.cdiv(total, align)))
-    chunk = triton.cdiv(triton.cdiv(total, want), align) * align
-    return chunk, max(1, triton.cdiv(max_tokens, chunk)), triton.cdiv(se, chunk)
+        want = _num_splits(programs, _cdiv(total, align), _num_sms(device.index or 0), block_m)
+    want = max(1, min(want, _cdiv(total, align)))
+    chunk = _cdiv(_cdiv(total, want), align) * align
+    return chunk, max(1, _cdiv(max_tokens, chunk)), _cdiv(se, chunk)
 
 
 @functools.lru_cache(maxsize=256)
@@ -794,14 +976,15 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     lay = codecs.layout
     dev = query.device
     interp = interpreting()
-    group, rows, hdp, block_m, m_blocks, mp, meta = _shape_plan(hq, sq, d, hkv, lay.k_bits, lay.v_bits, query.dtype,
-                                                                interp)  # fmt: skip
+    group, rows, hdp, block_m, m_blocks, mp, meta = _shape_plan(hq, sq, d, hkv, query.dtype, interp)
+    k_w, k_e, k_uwp = _geometry(lay.k_bits, d, _max_unit(kp))
+    v_w, v_e, v_uwp = _geometry(lay.v_bits, d, _max_unit(vp))
     if out is None:
         out = torch.empty(bsz, sq, hq, d, device=dev, dtype=query.dtype)
     if bsz == 0 or hq == 0 or sq == 0:
         return out
     bh = bsz * hkv
-    chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp)
+    chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m)
     ns = ns_c + ns_e
     if bh > _MAX_GRID_YZ or ns > _MAX_GRID_YZ:
         raise ValueError(f"B * Hkv ({bh}) and the KV split count ({ns}) must be <= {_MAX_GRID_YZ} (CUDA grid limit)")
@@ -839,7 +1022,13 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         hkv, sq, rows, mp, ns_c, ns, n_comp, se, chunk, scale * _LOG2E,
     )  # fmt: skip
     grid = (m_blocks, ns, bh)
-    flags = dict(PAGED=paged, PAGE_SIZE=page, CAUSAL=bool(causal), CAUSAL_COMP=bool(causal_comp), MASK_MODE=mask_mode)
+    shfl = SHUFFLE_GATHER and not interp  # inline PTX: not in the interpreter
+    flags = dict(
+        K_BITS=lay.k_bits, K_W=k_w, K_E=k_e, K_NT=k_e * (8 // k_w), K_UWP=k_uwp, V_BITS=lay.v_bits, V_W=v_w, V_E=v_e,
+        V_NT=v_e * (8 // v_w), V_UWP=v_uwp,
+        K_GATHER=int(shfl and lay.k_bits <= 5), V_GATHER=int(shfl and lay.v_bits <= 5), PAGED=paged, PAGE_SIZE=page,
+        CAUSAL=bool(causal), CAUSAL_COMP=bool(causal_comp), MASK_MODE=mask_mode,
+    )  # fmt: skip
     if interp:
         _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=16, num_warps=4)
     else:
@@ -847,7 +1036,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
 
     out_rows = bh * rows
     block_r, ns_block, block_c = _reduce_plan(ns, out_rows, hdp, interp)
-    _tq_reduce_kernel[(triton.cdiv(out_rows, block_r), triton.cdiv(d, block_c))](
+    _tq_reduce_kernel[(_cdiv(out_rows, block_r), _cdiv(d, block_c))](
         ws, out, *out.stride(), bh, hkv, sq, rows, mp, ns,
         GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_R=block_r, NS_BLOCK=ns_block, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip

@@ -2,19 +2,25 @@
 
 ``tq_compress(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset)`` writes tokens
 ``x[:, :, s]`` into positions ``offset + s`` of ``out_packed`` / ``out_norms`` in one pass per tile of
-tokens: subtract the mean, take the norm, divide, rotate (``tl.dot`` with ``Pi^T``, IEEE float32),
-quantize (index = number of boundaries < y, i.e. ``torch.bucketize``; a branch-free binary search over
-the sorted boundaries), and pack per the plane layout of core/packing.py (docs/LAYOUT.md).
+BLOCK_S tokens: subtract the mean, take the norm, divide, rotate (``tl.dot`` with ``Pi^T``), quantize
+(index = number of boundaries < y, i.e. ``torch.bucketize``: the boundaries are loaded once per program as
+scalars; a branch-free binary search selecting among them for <= 4 bits, a linear count above), and pack
+per the plane layout of core/packing.py (docs/LAYOUT.md).
 
-The rotation is computed per output byte group: for the plane of width w (R = D * w / 8 bytes), the
-``8 / w`` coordinate runs ``[t * R, (t + 1) * R)`` land in the same bytes at bit ``w * t``, so the kernel
-computes those rotated coordinates in column chunks of ``BLOCK_C`` and ORs them into the byte tile
-without any data reshuffling. Every bit width 1..8 and every head_dim that is a multiple of 8 (up to
-256 in the kernel; larger falls back to PyTorch) is supported.
+Rotation precision. fp16 / bf16 inputs: one tensor-core pass with the unit vector and Pi in fp16 (float32
+accumulation; Pi converted once per rotation tensor and cached). The result differs from the float32
+reference by ~1e-4 relative, so an index can differ by one level where a rotated coordinate lies that close
+to a boundary: a small fraction of indices (~1e-3; the tests bound it at 1%, each off by exactly one).
+float32 inputs: 3xTF32 (float32-level accuracy; exact float32 under the interpreter).
 
-Reference: ``core.kvcodec.compress_reference``. The kernel agrees with it exactly except where a rotated
-coordinate is within float32 rounding (~1e-6) of a boundary (summation order of the dot product).
-CPU tensors use the reference unless the Triton interpreter is on.
+The rotation is computed per sub-slice of U = D * w_min / 8 coordinates (w_min: the narrowest plane): sub-slice
+t (coordinates [t U, (t + 1) U)) lands, for a plane of width w and R = D * w / 8 bytes, in byte chunk
+[(t mod R/U) U, ...) at bit w * (t div R/U), so every plane is packed with shifts and ORs of whole tiles,
+no reshuffling, and stored with vector stores. Every bit width 1..8 and every head_dim that is a multiple
+of 8 (up to 256 in the kernel; larger falls back to PyTorch) is supported.
+
+Reference: ``core.kvcodec.compress_reference``. CPU tensors use the reference unless the Triton
+interpreter is on.
 """
 
 from __future__ import annotations
@@ -25,47 +31,89 @@ import triton.language as tl
 
 from ..core.codebook import check_bits
 from ..core.kvcodec import compress_reference
-from ._common import FLOAT_DTYPES, check_tensor, next_pow2, use_triton
+from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
 
 __all__ = ["tq_compress"]
 
 _MAX_HEAD_DIM = 256
-# Rotation precision: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) would
-# be exact-fp32 but spills heavily on sm_90. The interpreter computes in float32 either way.
+# float32 inputs: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) spills on sm_90.
 _DOT_PREC = "tf32x3"
+# Tokens per program and warps (module-level so benchmarks can sweep them): 16-bit inputs, float32 inputs.
+CONFIG = {"block_s": 64, "num_warps": 4, "block_s_f32": 16, "num_warps_f32": 4}
+_HALF_PI: dict = {}  # (data_ptr, device) -> (rotation, fp16 copy)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a ConstexprFunction in Triton 3.9: ~10 us a call from Python)."""
+    return -(-a // b)
 
 
 @triton.jit
-def _bucketize(y, bnd_ptr, BITS: tl.constexpr):
-    """Number of boundaries < y (torch.bucketize, right=False) over 2**BITS - 1 sorted boundaries."""
-    idx = tl.zeros(y.shape, dtype=tl.int32)
-    for i in tl.static_range(BITS):
-        cand = idx + (1 << (BITS - 1 - i))
-        bnd = tl.load(bnd_ptr + cand - 1)
-        idx = tl.where(y > bnd, cand, idx)
+def _quantize(y, bnd_ptr, BITS: tl.constexpr):
+    """Number of the 2**BITS - 1 sorted boundaries < y (torch.bucketize), int32.
+
+    BITS <= 4: a branch-free binary search whose thresholds are selected among the boundaries held as scalars
+    (BITS compares and 2**(BITS-1) - 1 selects per element instead of 2**BITS - 1 compares and adds).
+    Larger BITS: a linear count.
+    """
+    if BITS == 1:
+        idx = (y > tl.load(bnd_ptr)).to(tl.int32)
+    elif BITS == 2:
+        p1 = y > tl.load(bnd_ptr + 1)
+        p0 = y > tl.where(p1, tl.load(bnd_ptr + 2), tl.load(bnd_ptr))
+        idx = tl.where(p1, 2, 0) + p0.to(tl.int32)
+    elif BITS == 3:
+        b0, b1, b2, b3 = tl.load(bnd_ptr), tl.load(bnd_ptr + 1), tl.load(bnd_ptr + 2), tl.load(bnd_ptr + 3)
+        b4, b5, b6 = tl.load(bnd_ptr + 4), tl.load(bnd_ptr + 5), tl.load(bnd_ptr + 6)
+        p2 = y > b3
+        p1 = y > tl.where(p2, b5, b1)
+        p0 = y > tl.where(p2, tl.where(p1, b6, b4), tl.where(p1, b2, b0))
+        idx = tl.where(p2, 4, 0) + tl.where(p1, 2, 0) + p0.to(tl.int32)
+    elif BITS == 4:
+        b0, b1, b2, b3 = tl.load(bnd_ptr), tl.load(bnd_ptr + 1), tl.load(bnd_ptr + 2), tl.load(bnd_ptr + 3)
+        b4, b5, b6, b7 = tl.load(bnd_ptr + 4), tl.load(bnd_ptr + 5), tl.load(bnd_ptr + 6), tl.load(bnd_ptr + 7)
+        b8, b9, b10, b11 = tl.load(bnd_ptr + 8), tl.load(bnd_ptr + 9), tl.load(bnd_ptr + 10), tl.load(bnd_ptr + 11)
+        b12, b13, b14 = tl.load(bnd_ptr + 12), tl.load(bnd_ptr + 13), tl.load(bnd_ptr + 14)
+        p3 = y > b7
+        p2 = y > tl.where(p3, b11, b3)
+        p1 = y > tl.where(p3, tl.where(p2, b13, b9), tl.where(p2, b5, b1))
+        t_hi = tl.where(p2, tl.where(p1, b14, b12), tl.where(p1, b10, b8))
+        t_lo = tl.where(p2, tl.where(p1, b6, b4), tl.where(p1, b2, b0))
+        p0 = y > tl.where(p3, t_hi, t_lo)
+        idx = tl.where(p3, 8, 0) + tl.where(p2, 4, 0) + tl.where(p1, 2, 0) + p0.to(tl.int32)
+    else:
+        idx = tl.zeros(y.shape, dtype=tl.int32)
+        for i in tl.static_range((1 << BITS) - 1):
+            idx += (y > tl.load(bnd_ptr + i)).to(tl.int32)
     return idx
 
 
 @triton.jit
-def _pack_plane(unit, pi_ptr, stride_pr, stride_pc, bnd_ptr, out_row_ptrs, stride_pd, smask, d, dmask,
-                BITS: tl.constexpr, HEAD_DIM: tl.constexpr, W: tl.constexpr, START: tl.constexpr,
-                LOW: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """Quantize and store one plane: bytes [START, START + R) with R = HEAD_DIM * W / 8."""
-    R: tl.constexpr = HEAD_DIM * W // 8
-    for sub in range((R + BLOCK_C - 1) // BLOCK_C):  # runtime loops: unrolling them spills on sm_90
-        u = sub * BLOCK_C + tl.arange(0, BLOCK_C)
-        umask = u < R
-        byte = tl.zeros([unit.shape[0], BLOCK_C], dtype=tl.int32)
-        for t in range(8 // W):
-            c = t * R + u
-            # pit[k, j] = Pi[c_j, k]:  y[:, j] = unit @ Pi[c_j, :]^T = (unit @ Pi^T)[:, c_j]
-            pit = tl.load(pi_ptr + (c * stride_pr)[None, :] + (d * stride_pc)[:, None],
-                          mask=dmask[:, None] & umask[None, :], other=0.0)  # fmt: skip
-            y = tl.dot(unit, pit, input_precision=DOT_PREC)
-            idx = _bucketize(y, bnd_ptr, BITS)
-            byte = byte | (((idx >> LOW) & ((1 << W) - 1)) << (W * t))
-        tl.store(out_row_ptrs + ((START + u) * stride_pd)[None, :], byte.to(tl.uint8),
-                 mask=smask[:, None] & umask[None, :])  # fmt: skip
+def _acc_field(a0, a1, a2, a3, f, Q: tl.constexpr):
+    """OR f into accumulator Q of (a0, a1, a2, a3)."""
+    if Q == 0:
+        a0 = a0 | f
+    elif Q == 1:
+        a1 = a1 | f
+    elif Q == 2:
+        a2 = a2 | f
+    else:
+        a3 = a3 | f
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _store_chunks(out_rows, stride_pd, smask, a0, a1, a2, a3, START: tl.constexpr, N: tl.constexpr,
+                  U: tl.constexpr, UP: tl.constexpr):  # fmt: skip
+    """Store the N byte chunks (a0..a3, U bytes each) of one plane starting at byte START."""
+    j = tl.arange(0, UP)
+    m = smask[:, None] & (j < U)[None, :]
+    tl.store(out_rows + ((START + j) * stride_pd)[None, :], a0.to(tl.uint8), mask=m)
+    if N > 1:
+        tl.store(out_rows + ((START + U + j) * stride_pd)[None, :], a1.to(tl.uint8), mask=m)
+    if N > 2:
+        tl.store(out_rows + ((START + 2 * U + j) * stride_pd)[None, :], a2.to(tl.uint8), mask=m)
+        tl.store(out_rows + ((START + 3 * U + j) * stride_pd)[None, :], a3.to(tl.uint8), mask=m)
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -77,17 +125,20 @@ def _tq_compress_kernel(
     pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
     nrm_ptr, stride_nb, stride_nh, stride_nn,
     H, S, offset,
-    BITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
+    BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DP: tl.constexpr, UP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """Compress BLOCK_S tokens of one (batch, head).
 
     x     [B, H, S, D]          fp16/bf16/fp32  strides (stride_xb, stride_xh, stride_xs, stride_xd)
     mean  [B, H, D]             float32         strides (stride_mb, stride_mh, stride_md)
-    pi    [D, D]                float32         strides (stride_pr, stride_pc); x_rot = x @ Pi.T
+    pi    [D, D]                float32 (float32 x) or float16 (16-bit x)  strides (stride_pr, stride_pc);
+                                x_rot = x @ Pi.T
     bnd   [2**BITS - 1]         float32         contiguous, increasing
     pk    [B, H, cap, D*BITS/8] uint8           strides (stride_pb, stride_ph, stride_pn, stride_pd)
     nrm   [B, H, cap]           float32         strides (stride_nb, stride_nh, stride_nn)
+    WMIN: the narrowest plane's width; P_C = 8 / WMIN sub-slices of U = HEAD_DIM * WMIN / 8 coordinates (= the
+    narrowest plane's bytes; padded to UP).
     Token s goes to position offset + s. Grid (cdiv(S, BLOCK_S), B * H).
     """
     pid_s = tl.program_id(0)
@@ -104,23 +155,59 @@ def _tq_compress_kernel(
     mu = tl.load(mean_ptr + b * stride_mb + h * stride_mh + d * stride_md, mask=dmask, other=0.0)
     r = tl.where(dmask[None, :], x - mu[None, :], 0.0)
     nrm = tl.sqrt(tl.sum(r * r, axis=1))
-    unit = r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]
+    unit = (r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]).to(pi_ptr.dtype.element_ty)
     pos = offset + s64
     tl.store(nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn, nrm, mask=smask)
     out_rows = pk_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + (pos * stride_pn)[:, None]
-    # Planes, widest first, lowest bits first (core/packing.py): 8 -> [8]; else the set bits among 4, 2, 1.
+
+    j = tl.arange(0, UP)
+    jm = j < U
+    # byte chunks of each plane: 4-bit plane (up to 4 chunks), 2-bit (up to 2), 1-bit and 8-bit (1)
+    z = tl.zeros([BLOCK_S, UP], dtype=tl.int32)
+    c40, c41, c42, c43 = z, z, z, z
+    c20, c21, c22, c23 = z, z, z, z
+    c10, c11, c12, c13 = z, z, z, z
+    for t in tl.static_range(P_C):
+        # y[:, j] = unit @ Pi[t U + j, :]^T, i.e. rotated coordinates t U + j
+        pit = tl.load(pi_ptr + ((t * U + j) * stride_pr)[None, :] + (d * stride_pc)[:, None],
+                      mask=dmask[:, None] & jm[None, :], other=0.0)  # fmt: skip
+        y = tl.dot(unit, pit, input_precision=DOT_PREC)
+        idx = _quantize(y, bnd_ptr, BITS)
+        if BITS == 8:
+            c10 = idx
+        else:
+            if (BITS & 4) != 0:
+                c40, c41, c42, c43 = _acc_field(c40, c41, c42, c43, (idx & 15) << (4 * (t // (4 // WMIN))),
+                                                t % (4 // WMIN))  # fmt: skip
+            if (BITS & 2) != 0:
+                c20, c21, c22, c23 = _acc_field(c20, c21, c22, c23,
+                                                ((idx >> (BITS & 4)) & 3) << (2 * (t // (2 // WMIN))),
+                                                t % (2 // WMIN))  # fmt: skip
+            if (BITS & 1) != 0:
+                c10, c11, c12, c13 = _acc_field(c10, c11, c12, c13, ((idx >> (BITS & 6)) & 1) << t, 0)
     if BITS == 8:
-        _pack_plane(unit, pi_ptr, stride_pr, stride_pc, bnd_ptr, out_rows, stride_pd, smask, d, dmask, BITS, HEAD_DIM,
-                    8, 0, 0, BLOCK_C, DOT_PREC)  # fmt: skip
-    if (BITS & 4) != 0:
-        _pack_plane(unit, pi_ptr, stride_pr, stride_pc, bnd_ptr, out_rows, stride_pd, smask, d, dmask, BITS, HEAD_DIM,
-                    4, 0, 0, BLOCK_C, DOT_PREC)  # fmt: skip
-    if (BITS & 2) != 0:
-        _pack_plane(unit, pi_ptr, stride_pr, stride_pc, bnd_ptr, out_rows, stride_pd, smask, d, dmask, BITS, HEAD_DIM,
-                    2, (BITS & 4) * HEAD_DIM // 8, BITS & 4, BLOCK_C, DOT_PREC)  # fmt: skip
-    if (BITS & 1) != 0:
-        _pack_plane(unit, pi_ptr, stride_pr, stride_pc, bnd_ptr, out_rows, stride_pd, smask, d, dmask, BITS, HEAD_DIM,
-                    1, (BITS & 6) * HEAD_DIM // 8, BITS & 6, BLOCK_C, DOT_PREC)  # fmt: skip
+        _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, 0, 1, U, UP)
+    else:
+        if (BITS & 4) != 0:
+            _store_chunks(out_rows, stride_pd, smask, c40, c41, c42, c43, 0, 4 // WMIN, U, UP)
+        if (BITS & 2) != 0:
+            _store_chunks(out_rows, stride_pd, smask, c20, c21, c22, c23, (BITS & 4) * HEAD_DIM // 8, 2 // WMIN, U,
+                          UP)  # fmt: skip
+        if (BITS & 1) != 0:
+            _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, (BITS & 6) * HEAD_DIM // 8, 1, U, UP)
+
+
+def _half_rotation(rotation: torch.Tensor) -> torch.Tensor:
+    """fp16 copy of the rotation, made once per rotation tensor (a Codecs' rotation lives as long as its cache)."""
+    key = (rotation.data_ptr(), rotation.device)
+    hit = _HALF_PI.get(key)
+    if hit is not None and hit[0] is rotation:
+        return hit[1]
+    half = rotation.to(torch.float16)
+    if len(_HALF_PI) >= 16:
+        _HALF_PI.clear()
+    _HALF_PI[key] = (rotation, half)
+    return half
 
 
 def tq_compress(
@@ -178,18 +265,26 @@ def tq_compress(
     if bsz * heads > 65535:
         raise ValueError(f"B * H ({bsz * heads}) must be <= 65535 (CUDA grid limit)")
     hdp = max(16, next_pow2(d))
-    block_s = 16
-    block_c = 32
-    bnd = boundaries.contiguous()
-    grid = (triton.cdiv(seq, block_s), bsz * heads)
+    wmin = 8 if bits == 8 else (1 if bits & 1 else 2 if bits & 2 else 4)
+    up = max(16, next_pow2(d * wmin // 8))
+    if x.dtype == torch.float32:
+        pi, block_s, warps = rotation, CONFIG["block_s_f32"], CONFIG["num_warps_f32"]
+    else:
+        pi, block_s, warps = _half_rotation(rotation), CONFIG["block_s"], CONFIG["num_warps"]
+    if interpreting():
+        block_s = 16
+    block_s = min(block_s, max(16, next_pow2(seq)))
+    if hdp > 128:
+        warps = max(warps, 8)
+    grid = (_cdiv(seq, block_s), bsz * heads)
     _tq_compress_kernel[grid](
         x, *x.stride(),
         mean, *mean.stride(),
-        rotation, *rotation.stride(),
-        bnd,
+        pi, *pi.stride(),
+        boundaries.contiguous(),
         out_packed, *out_packed.stride(),
         out_norms, *out_norms.stride(),
         heads, seq, offset,
-        BITS=bits, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_S=block_s, BLOCK_C=block_c, DOT_PREC=_DOT_PREC,
-        num_warps=4 if hdp <= 128 else 8,
+        BITS=bits, WMIN=wmin, P_C=8 // wmin, U=d * wmin // 8, HEAD_DIM=d, HEAD_DP=hdp, UP=up, BLOCK_S=block_s,
+        DOT_PREC=_DOT_PREC, num_warps=warps,
     )  # fmt: skip

@@ -153,29 +153,48 @@ def diagnose(captures: dict[int, LayerCapture]) -> list[LayerDiagnosis]:
     return out
 
 
-def warnings_for(diag: list[LayerDiagnosis], *, offset: float = 0.5, outlier: float = 8.0, sink: float = 0.3):
-    """Human-readable warnings for the known failure patterns."""
+def warnings_for(
+    diag: list[LayerDiagnosis],
+    errors: list[LayerError] | None = None,
+    *,
+    offset: float = 0.95,
+    outlier: float = 20.0,
+    sink: float = 0.3,
+    attn_cos: float = 0.9,
+) -> list[str]:
+    """Human-readable warnings for the known failure patterns (thresholds from docs/QUALITY.md: Qwen2.5's
+    layers 0, 1, 2, 4, 8 have offsets ~1.0 and 23-95x outlier channels; SmolLM2's layers stay below both)."""
     msgs = []
     big = [d for d in diag if d.key_offset > offset]
     if big:
         worst = max(big, key=lambda d: d.key_offset)
         msgs.append(
-            f"large shared key offset in {len(big)} layer(s) (worst: layer {worst.layer}, ||mean key|| / key norm = "
-            f"{worst.key_offset:.2f}): keep key centring on (the default); uncentred low-bit keys collapse here"
+            f"large shared key offset in layer(s) {[d.layer for d in big]} (worst: layer {worst.layer}, "
+            f"||mean key|| / key norm = {worst.key_offset:.2f}): keep key centring on (the default); "
+            "uncentred low-bit keys collapse on such layers"
         )
     out = [d for d in diag if d.channel_outlier > outlier]
     if out:
         worst = max(out, key=lambda d: d.channel_outlier)
         msgs.append(
-            f"outlier key channels in {len(out)} layer(s) (worst: layer {worst.layer}, max/median channel RMS = "
-            f"{worst.channel_outlier:.1f}): the rotation spreads them, but more key bits help (e.g. K{5}/V{3})"
+            f"outlier key channels in layer(s) {[d.layer for d in out]} (worst: layer {worst.layer}, max/median "
+            f"channel RMS = {worst.channel_outlier:.0f}, max key norm {worst.key_norm_max:.0f}): give keys more bits "
+            "(K6/V3) or keep the worst layer exact (--skip-layers)"
         )
     sinks = [d for d in diag if d.sink_mass > sink]
     if sinks:
         worst = max(sinks, key=lambda d: d.sink_mass)
         msgs.append(
             f"attention sink at token 0 in {len(sinks)} layer(s) (worst: layer {worst.layer}, "
-            f"{worst.sink_mass:.0%} of the attention): errors on that token's K/V weigh heavily; "
-            "a full-precision window does not cover it, protecting sink tokens would"
+            f"{worst.sink_mass:.0%} of the attention): errors on that token's K/V weigh heavily; a recent window "
+            "does not cover it, keeping the first tokens exact does (simulate: --settings tq:bits=4,sink=4)"
         )
+    if errors:
+        bad = [e for e in errors if e.attn_cos < attn_cos]
+        if bad:
+            worst = min(bad, key=lambda e: e.attn_cos)
+            msgs.append(
+                f"attention output of layer(s) {[e.layer for e in bad]} deviates (worst: layer {worst.layer}, "
+                f"cosine {worst.attn_cos:.3f}): keep it exact with --skip-layers {worst.layer}"
+            )
     return msgs
