@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -61,13 +60,9 @@ def test_clear_error_without_the_repository(monkeypatch, tmp_path, capsys):
 
 def test_generate_smoke_runs_end_to_end(tmp_path, capsys):
     out_json = tmp_path / "generate_smoke.json"
-    t0 = time.perf_counter()
     rc = main(["bench", "generate", "--smoke", "--no-progress", "--json", str(out_json), "--out-dir", str(tmp_path)])
-    elapsed = time.perf_counter() - t0
     stdout = capsys.readouterr().out
     assert rc == 0, stdout[-3000:]
-    print(f"--smoke took {elapsed:.1f} s")
-    assert elapsed < 60, f"--smoke took {elapsed:.0f} s"
 
     res = json.loads(out_json.read_text())
     assert (tmp_path / "generate.json").is_file() and (tmp_path / "generate.md").is_file()

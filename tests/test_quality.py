@@ -1,5 +1,6 @@
 """Quality metrics checked against independent computations on tiny config-built models (fast, offline)."""
 
+import dataclasses
 import io
 import math
 import string
@@ -98,9 +99,14 @@ def test_fake_quant_turboquant_equals_the_real_cache(spec):
             cache.layers[i] = FakeQuantLayer(s.codec(64), window=s.window)
         return cache
 
+    sim = dataclasses.replace(s, simulate=True)
+    assert not sim.uses_real_cache and sim.name == s.name + " (sim)"
+    assert isinstance(sim.make_cache(model.config).layers[0], FakeQuantLayer)
     ids = ids_of(33, seed=2)
-    out = compare_caches(model, ids, {"real": lambda: s.make_cache(model.config), "fake": fake}, prefill=5, chunk=2)
+    out = compare_caches(model, ids, {"real": lambda: s.make_cache(model.config), "fake": fake,
+                                      "sim": lambda: sim.make_cache(model.config)}, prefill=5, chunk=2)  # fmt: skip
     torch.testing.assert_close(out["real"].nll, out["fake"].nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["real"].nll, out["sim"].nll, rtol=1e-5, atol=1e-5)
     assert out["real"].mean_kl > 0  # it is lossy
 
 

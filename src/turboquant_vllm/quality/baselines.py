@@ -17,7 +17,8 @@ Codecs (per token per KV head; `bytes_k/bytes_v` count every stored byte: codes,
 
 Settings are written as `kind:opt=val,...`, e.g. `tq:k=5,v=3`, `tq:k=4,v=4,window=64`, `tq:k=4,v=4,sink=4`,
 `int:bits=4,group=32`, `fp8`, `kivi:bits=4`, `tq-prod:k=4,v=4`, `tq:k=4,v=4,skip=0+29`, `tq:cv=1` (centre
-values), `tq:ck=0` (no key centring).
+values), `tq:ck=0` (no key centring), `tq:bits=4,sim=1` (the fake-quant simulation of TurboQuantCache: the same
+numbers, tests/test_quality.py checks it, and much faster on the CPU since nothing is dequantized per step).
 """
 
 from __future__ import annotations
@@ -301,6 +302,7 @@ class Setting:
     group: int = 32
     seed: int = 0
     rotation: str = "qr"
+    simulate: bool = False  # measure a `tq` setting on the fake-quant simulation instead of TurboQuantCache
     label: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -331,12 +333,14 @@ class Setting:
             s += f" sink{self.sink}"
         if self.skip_layers:
             s += " skip" + "+".join(map(str, self.skip_layers))
+        if self.simulate and self.kind == "tq" and not self.sink:
+            s += " (sim)"
         return s
 
     @property
     def uses_real_cache(self) -> bool:
         """True when this setting is measured on TurboQuantCache itself (not a simulation)."""
-        return self.kind == "tq" and self.sink == 0
+        return self.kind == "tq" and self.sink == 0 and not self.simulate
 
     def codec(self, head_dim: int) -> Codec | None:
         kw = dict(seed=self.seed, rotation=self.rotation, center_keys=self.center_keys,
@@ -438,6 +442,8 @@ def parse_setting(spec: str) -> Setting:
             kw["seed"] = int(val)
         elif key == "rotation":
             kw["rotation"] = val
+        elif key == "sim":
+            kw["simulate"] = val not in ("0", "false", "no")
         elif key == "label":
             kw["label"] = val
         else:
