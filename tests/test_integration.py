@@ -174,3 +174,15 @@ def test_enable_turboquant_one_call_and_context_manager():
         assert cache2.fused_mode
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, **tq.cache_kwargs(model, cache2))
     assert model.config._attn_implementation == "sdpa" and not cache2.fused_mode
+
+
+def test_enable_turboquant_uses_the_measured_policy():
+    model = tiny_llama(layers=3)
+    cache = tq.enable_turboquant(model, bits=4)
+    try:
+        assert type(cache.layers[0]).__name__ == "DynamicLayer"  # layer 0 exact
+        assert [(layer.layout.k_bits, layer.layout.v_bits) for layer in cache.layers[1:]] == [(5, 3), (5, 3)]
+        plain = tq.enable_turboquant(model, bits=4, k_bits=4, v_bits=4, skip_layers=())
+        assert all(layer.layout.k_bits == 4 for layer in plain.layers)
+    finally:
+        tq.disable_turboquant(model)

@@ -188,15 +188,27 @@ def fused_attention(model, compressed):
         uninstall_fused_tq4_kv(model)
 
 
+def default_policy(bits: int) -> dict:
+    """The measured best setting for a bit budget (docs/QUALITY.md): at 3 and 4 bits per coordinate on
+    average, one more bit for keys and one fewer for values (keys carry nearly all the loss), and the first
+    layer kept exact (Qwen2-style models collapse without it; it costs 1/num_layers of the savings)."""
+    if bits in (3, 4):
+        return {"k_bits": bits + 1, "v_bits": bits - 1, "skip_layers": (0,)}
+    return {}
+
+
 def enable_turboquant(model, bits: int = 4, *, fused: bool = True, **cache_kwargs):
     """One call: a fresh TurboQuantCache for `model` with the fused attention bound to it.
+
+    `bits` is the average budget for K and V; the cache uses `default_policy(bits)` unless cache_kwargs
+    say otherwise (e.g. k_bits=4, v_bits=4, skip_layers=()).
 
     Call again for the next independent `generate()` (a fresh cache, rebound). Returns the cache.
     cache_kwargs: k_bits, v_bits, window, skip_layers, seed, rotation, center_keys, center_values.
     """
     from ..cache.dynamic import TurboQuantCache
 
-    cache = TurboQuantCache(_config_of(model), bits, **cache_kwargs)
+    cache = TurboQuantCache(_config_of(model), bits, **{**default_policy(bits), **cache_kwargs})
     if fused:
         install_fused_tq4_kv(model, cache)
     return cache
