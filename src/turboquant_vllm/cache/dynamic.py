@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from ..core.codebook import check_bits
 from ..core.packing import check_packable_dim
 from ..layout import Codecs, KVLayout
-from .layer import CompressedLayer, TurboQuantSettings
+from .layer import CompressedLayer, TurboQuantSettings, settings_for
 
 
 def head_dim_of(config) -> int:
@@ -204,16 +204,8 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
     ):
         config = getattr(config, "config", config)
         super().__init__(config=config)
-        settings = TurboQuantSettings(
-            k_bits=check_bits(k_bits if k_bits is not None else bits, "k_bits"),
-            v_bits=check_bits(v_bits if v_bits is not None else bits, "v_bits"),
-            seed=seed,
-            rotation=rotation,
-            window=window,
-            center_keys=center_keys,
-            center_values=center_values,
-            validate=validate,
-        )
+        settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, window=window,
+                                center_keys=center_keys, center_values=center_values, validate=validate)  # fmt: skip
         self._cache = self
         self.settings = settings
         self.skip_layers = tuple(sorted(int(i) for i in skip_layers))
@@ -252,14 +244,8 @@ class CompressedDynamicCache(_CompressedCacheMixin):
         validate: str | None = None,
     ):
         check_packable_dim(head_dim)
-        settings = TurboQuantSettings(
-            k_bits=check_bits(k_bits if k_bits is not None else bits, "k_bits"),
-            v_bits=check_bits(v_bits if v_bits is not None else bits, "v_bits"),
-            seed=seed,
-            rotation=rotation,
-            center_keys=center_keys,
-            validate=validate,
-        )
+        settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, center_keys=center_keys,
+                                validate=validate)  # fmt: skip
         self._cache = cache
         self.cache = cache
         self.settings = settings

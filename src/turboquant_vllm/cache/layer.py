@@ -64,6 +64,15 @@ class TurboQuantSettings:
             raise ValueError(f"validate must be one of {VALIDATE_MODES} or None, got {self.validate!r}")
 
 
+def settings_for(bits: int, k_bits: int | None = None, v_bits: int | None = None, **options) -> TurboQuantSettings:
+    """TurboQuantSettings where k_bits / v_bits default to bits (the form every cache constructor takes)."""
+    return TurboQuantSettings(
+        k_bits=check_bits(k_bits if k_bits is not None else bits, "k_bits"),
+        v_bits=check_bits(v_bits if v_bits is not None else bits, "v_bits"),
+        **options,
+    )
+
+
 class CompressedLayer(DynamicLayer):
     """One attention layer's K/V, stored compressed. Shapes: [B, H_kv, tokens, head_dim]."""
 
