@@ -267,3 +267,148 @@ def test_per_layer_bits_and_mean_bytes():
     assert stats["mean_bytes_per_token_per_head"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="k_bits"):
         TurboQuantCache(model.config, bits=3, layer_bits={0: (0, 8)})
+
+
+# ---------------------------------------------------------------------------------------------- sink tokens
+def _sink_layer(sinks=3, window=2, bits=4, **kw):
+    from turboquant_vllm.cache.layer import TurboQuantSettings
+
+    return CompressedLayer(64, TurboQuantSettings(k_bits=bits, v_bits=bits, window=window, sinks=sinks, **kw))
+
+
+def _expected_sequence(layer, x, y, n, sinks, window):
+    """Independent reference of what a layer holds after n tokens: sinks and window exact, the rest through
+    the reference codec with means taken from the first update's tokens after the sinks."""
+    c = layer.codecs
+    mid = slice(sinks, max(sinks, n - window))
+    out = []
+    for t, bounds, cents, mean in ((x, c.k_boundaries, c.k_centroids, layer.k_mean),
+                                   (y, c.v_boundaries, c.v_centroids, layer.v_mean)):  # fmt: skip
+        packed, norms = compress_reference(t[:, :, mid], mean, c.rotation, bounds, 4)
+        deq = dequantize_reference(packed, norms, mean, c.rotation, cents, 4)
+        out.append(torch.cat([t[:, :, :sinks], deq, t[:, :, mid.stop : n]], dim=-2))
+    return out
+
+
+def test_sinks_stay_exact_and_update_returns_sequence_order():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 2, 14, 64, generator=g), torch.randn(2, 2, 14, 64, generator=g)
+    layer = _sink_layer(sinks=3, window=2)
+    # prefill shorter than the sinks: everything exact, no mean yet (nothing after the sinks)
+    k, v = layer.update(x[:, :, :2], y[:, :, :2])
+    assert torch.equal(k, x[:, :, :2]) and layer.num_sinks == 2 and layer.k_mean is None
+    # a chunk that completes the sinks and starts the window: the mean comes from its tokens after the sinks
+    k, v = layer.update(x[:, :, 2:6], y[:, :, 2:6])
+    assert torch.equal(k, x[:, :, :6]) and layer.num_sinks == 3 and layer.num_compressed == 1
+    torch.testing.assert_close(layer.k_mean, x[:, :, 3:6].mean(-2))
+    assert layer.attend_compressed == 0 and layer.attend_sinks == 2
+    for n in range(6, 14):  # decode
+        k, v = layer.update(x[:, :, n : n + 1], y[:, :, n : n + 1])
+        assert layer.attend_sinks == 3 and layer.attend_compressed == n - 3 - 2
+        ref_k, ref_v = _expected_sequence(layer, x, y, n, 3, 2)
+        torch.testing.assert_close(k[:, :, :n], ref_k, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v[:, :, :n], ref_v, atol=1e-5, rtol=0)
+        assert torch.equal(k[:, :, :3], x[:, :, :3]) and torch.equal(v[:, :, :3], y[:, :, :3])  # bit-exact sinks
+        assert torch.equal(k[:, :, n:], x[:, :, n : n + 1])
+    assert layer.get_seq_length() == 14 and layer.num_compressed == 14 - 5
+    assert torch.equal(layer.sink_keys, x[:, :, :3]) and torch.equal(layer.window_values, y[:, :, 12:])
+    mk, mv = layer.materialize()
+    ref_k, ref_v = _expected_sequence(layer, x, y, 14, 3, 2)
+    torch.testing.assert_close(mk, ref_k, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mv, ref_v, atol=1e-5, rtol=0)
+    assert layer.dequantize()[0].shape[-2] == 9  # the compressed store only
+    # fused mode returns the exact segment [sinks | window | new] only
+    layer.fused = True
+    k, v = layer.update(x[:, :, :1], y[:, :, :1])
+    assert k.shape[-2] == 3 + 2 + 1 and torch.equal(k[:, :, :3], x[:, :, :3]) and layer.attend_compressed == 9
+
+
+def test_sink_bytes_count_as_exact_bytes():
+    layer = _sink_layer(sinks=3, window=2)
+    layer.update(torch.randn(2, 2, 11, 64), torch.randn(2, 2, 11, 64))
+    per_tok = layer.layout.bytes_per_token_per_head  # 72
+    exact = 2 * (3 + 2) * 64 * 4  # K and V of the sinks and the window, float32
+    assert layer.used_bytes() == 2 * 2 * (6 * per_tok + exact) + 2 * 2 * 2 * 64 * 4  # + the two means per head
+    assert layer.uncompressed_bytes() == 2 * 2 * 2 * 11 * 64 * 4
+    assert layer.vram_bytes() >= layer.used_bytes()
+
+
+def test_crop_into_sinks_and_refill():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 12, 64, generator=g)
+    layer = _sink_layer(sinks=4, window=2)
+    layer.update(x[:, :, :10], x[:, :, :10])
+    assert (layer.num_sinks, layer.num_compressed, layer.get_seq_length()) == (4, 4, 10)
+    layer.crop(-3)  # into the compressed tokens: the window is gone
+    assert (layer.num_sinks, layer.num_compressed, layer.exact_keys.shape[-2]) == (4, 3, 4)
+    layer.crop(6)  # legacy form: keep 6
+    assert (layer.num_sinks, layer.num_compressed, layer.get_seq_length()) == (4, 2, 6)
+    layer.crop(2)  # into the sinks
+    assert (layer.num_sinks, layer.num_compressed, layer.get_seq_length()) == (2, 0, 2)
+    k, _ = layer.update(x[:, :, 2:9], x[:, :, 2:9])  # positions 2, 3 become sinks again
+    assert torch.equal(k, x[:, :, :9]) and (layer.num_sinks, layer.num_compressed) == (4, 3)
+    assert torch.equal(layer.sink_keys, x[:, :, :4]) and torch.equal(layer.window_keys, x[:, :, 7:9])
+    layer.crop(-9)
+    assert layer.get_seq_length() == 0 and layer.num_sinks == 0
+
+
+def test_sinks_follow_reorder_select_repeat():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 9, 64, generator=g)
+    layer = _sink_layer(sinks=2, window=1)
+    layer.update(x, x)
+    full_k, _ = layer.materialize()
+    layer.reorder_cache(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.materialize()[0], full_k[[2, 0, 0]])
+    layer.batch_select_indices(torch.tensor([0, 1]))
+    layer.batch_repeat_interleave(2)
+    assert layer.batch_size == 4 and torch.equal(layer.sink_keys, x[[2, 2, 0, 0], :, :2])
+    torch.testing.assert_close(layer.materialize()[0], full_k[[2, 2, 0, 0]])
+
+
+def test_sinks_settings_validation_and_threading():
+    from turboquant_vllm.cache.layer import TurboQuantSettings
+
+    for bad in (-1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="sinks"):
+            TurboQuantSettings(sinks=bad)
+    model = tiny_llama()
+    cache = TurboQuantCache(model.config, bits=4, sinks=4, window=8)
+    assert all(layer.settings.sinks == 4 and layer.settings.window == 8 for layer in cache.layers)
+    plain, _ = documented_cache(model, 64, bits=4)
+    assert all(layer.settings.sinks == 0 and layer.settings.window == 0 for layer in plain.layers)
+    _, comp = documented_cache(model, 64, bits=4, sinks=2, window=1)
+    assert comp.settings.sinks == 2 and comp.settings.window == 1
+
+
+def test_generate_with_sinks_left_padding_and_beams():
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(14, 9))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    cache = TurboQuantCache(model.config, bits=8, sinks=3, window=2)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert torch.equal(out, ref)
+    exact = DynamicCache(config=model.config)
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=exact)
+    for layer, ex in zip(cache.layers, exact.layers, strict=True):
+        assert layer.num_sinks == 3 and torch.equal(layer.sink_keys, ex.keys[:, :, :3])  # never compressed
+        assert torch.equal(layer.sink_values, ex.values[:, :, :3])
+    # a prompt shorter than the sinks, then decode fills them
+    short = model.generate(ids[:, -2:], max_new_tokens=4, do_sample=False,
+                           past_key_values=TurboQuantCache(model.config, bits=8, sinks=5))  # fmt: skip
+    assert torch.equal(short, model.generate(ids[:, -2:], max_new_tokens=4, do_sample=False))
+    qwen = tiny_qwen2()
+    ids, mask = left_padded_batch(lengths=(10, 8))
+    cache, _ = documented_cache(qwen, 128, bits=8, sinks=3, window=2)
+    beams = qwen.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False,
+                          past_key_values=cache)  # fmt: skip
+    assert torch.equal(beams, qwen.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False))
+
+
+def test_sinks_improve_fidelity_over_compressing_them():
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(40, 40))
+    plain = cache_fidelity(model, ids, lambda: TurboQuantCache(model.config, bits=2), attention_mask=mask, prefill=8)
+    sunk = cache_fidelity(model, ids, lambda: TurboQuantCache(model.config, bits=2, sinks=8), attention_mask=mask,
+                          prefill=8)  # fmt: skip
+    assert sunk.rel_error < plain.rel_error

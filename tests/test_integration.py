@@ -186,3 +186,94 @@ def test_enable_turboquant_uses_the_measured_policy():
         assert all(layer.layout.k_bits == 4 for layer in plain.layers)
     finally:
         tq.disable_turboquant(model)
+
+
+# ---------------------------------------------------------------------------------------------- sink tokens
+def _sink_step(sq, sinks=3, window=2, prefill=9, batch=2):
+    """A fused layer holding `prefill` tokens, after an update with `sq` new tokens: returns the layer, the
+    query, the exact segment update() returned and K/V of every visible token in sequence order (reference:
+    the state before the update, materialized, plus the new tokens)."""
+    from turboquant_vllm.cache.layer import CompressedLayer, TurboQuantSettings
+
+    g = torch.Generator().manual_seed(sq)
+    x = torch.randn(batch, 2, prefill + sq, 64, generator=g)
+    y = torch.randn(batch, 2, prefill + sq, 64, generator=g)
+    layer = CompressedLayer(64, TurboQuantSettings(k_bits=4, v_bits=3, window=window, sinks=sinks))
+    layer.update(x[:, :, :prefill], y[:, :, :prefill])
+    full_k, full_v = layer.materialize()
+    full_k = torch.cat([full_k, x[:, :, prefill:]], dim=-2)
+    full_v = torch.cat([full_v, y[:, :, prefill:]], dim=-2)
+    layer.fused = True
+    seg_k, seg_v = layer.update(x[:, :, prefill:], y[:, :, prefill:])
+    assert layer.attend_sinks == sinks and layer.attend_compressed == prefill - sinks - window
+    q = torch.randn(batch, 4, sq, 64, generator=g)
+    return layer, q, seg_k, seg_v, full_k, full_v
+
+
+@pytest.mark.parametrize("sq,mask_kind", [(1, "bool"), (3, "none"), (3, "bool"), (3, "additive")])
+def test_fused_attention_with_sinks_equals_sequence_order_reference(sq, mask_kind):
+    layer, q, seg_k, seg_v, full_k, full_v = _sink_step(sq)
+    total = full_k.shape[-2]
+    mask = None
+    if mask_kind != "none":  # row 1 left-padded by 2 (two of its sink positions), causal over the sequence
+        pad = torch.ones(2, total, dtype=torch.bool)
+        pad[1, :2] = False
+        mask = sdpa_mask(batch_size=2, q_length=sq, kv_length=total, cache_position=torch.arange(total - sq, total),
+                         attention_mask=pad, allow_is_causal_skip=False)  # fmt: skip
+        if mask_kind == "additive":  # -1e9: the kernel scales additive masks by log2(e), finfo.min overflows
+            mask = torch.where(mask, 0.0, -1e9)
+    holder = SimpleNamespace(layer=lambda i: layer)
+    module = SimpleNamespace(is_causal=True, training=False, layer_idx=0)
+    out, _ = triton_fa_tq4_kv_forward(module, q, seg_k, seg_v, mask, scaling=0.125, tq_cache=holder)
+    ref = attention_reference(q, full_k, full_v, mask, causal=mask is None and sq > 1, scale=0.125)
+    assert rel_err(out, ref) < 1e-4
+    if mask is not None:  # one reordered mask per step, shared by the layers
+        first = holder._kernel_mask_slot[2]
+        triton_fa_tq4_kv_forward(module, q, seg_k, seg_v, mask, scaling=0.125, tq_cache=holder)
+        assert holder._kernel_mask_slot[2] is first
+    with pytest.raises(RuntimeError, match="sink tokens"):  # a segment without its sinks is refused
+        triton_fa_tq4_kv_forward(module, q, seg_k[:, :, 3:], seg_v[:, :, 3:], None, tq_cache=holder)
+
+
+def test_fused_unfused_and_simulation_agree_with_sinks_window_padding_and_chunks():
+    """Batch of 2 with left padding, prefill shorter than the sinks, chunks of 3 then decode, fused (interpreted
+    Triton) vs unfused (SDPA over the sequence-order K/V) vs the fake-quant simulation (independent code)."""
+    from turboquant_vllm.quality.baselines import parse_setting
+
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(17, 12))
+
+    def run(fused, chunk):
+        cache = TurboQuantCache(model.config, k_bits=4, v_bits=3, window=3, sinks=6)
+        if fused:
+            install_fused_tq4_kv(model, cache)
+        try:
+            return decode_logits(model, ids, cache, attention_mask=mask, prefill=4, chunk=chunk), cache
+        finally:
+            uninstall_fused_tq4_kv(model)
+
+    sim = parse_setting("tq:k=4,v=3,window=3,sink=6,sim=1").make_cache(model.config)
+    ref = decode_logits(model, ids, sim, attention_mask=mask, prefill=4, chunk=3)
+    unfused, _ = run(False, 3)
+    fused, cache = run(True, 3)
+    assert rel_err(fused, unfused) < 1e-4
+    assert rel_err(unfused, ref) < 1e-3  # same codes up to rare rounding at bucket boundaries
+    layer = cache.layers[0]
+    assert layer.num_sinks == 6 and layer.num_compressed == 16 - 6 - 3
+    exact = decode_logits(model, ids, DynamicCache(config=model.config), attention_mask=mask, prefill=4, chunk=3)
+    assert rel_err(fused, exact) > 1e-4  # it is compressed
+
+
+def test_enable_turboquant_with_sinks_generates():
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(5, 4))
+    outs = []
+    for fused in (True, False):
+        cache = tq.enable_turboquant(model, bits=4, fused=fused, window=1, sinks=3)
+        try:
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                       **tq.cache_kwargs(model, cache)))  # fmt: skip
+        finally:
+            tq.disable_turboquant(model)
+        assert cache.layers[1].num_sinks == 3 and cache.layers[1].num_compressed == 7 - 3 - 1
+    assert torch.equal(outs[0], outs[1])

@@ -85,10 +85,14 @@ def test_compare_caches_reference_and_lossless_candidate():
     assert fp16.mean_kl < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["tq:bits=4", "tq:k=3,v=2", "tq:bits=4,window=5", "tq:bits=3,cv=1"])
+@pytest.mark.parametrize(
+    "spec", ["tq:bits=4", "tq:k=3,v=2", "tq:bits=4,window=5", "tq:bits=3,cv=1", "tq:k=4,v=3,window=3,sink=2",
+             "tq:bits=4,sink=7"],
+)  # fmt: skip
 def test_fake_quant_turboquant_equals_the_real_cache(spec):
-    """The fake-quant simulation computes exactly what TurboQuantCache computes (so sink/QJL variants,
-    which only exist as simulations, are measured on the same footing)."""
+    """The fake-quant simulation computes exactly what TurboQuantCache computes, sinks included (prefill 5 <
+    7 sinks: the sinks fill during decode), so QJL variants, which only exist as simulations, are measured
+    on the same footing."""
     model = tiny_qwen2(head_dim=64, q_heads=2, kv_heads=1)
     s = parse_setting(spec)
     assert s.uses_real_cache
@@ -96,7 +100,7 @@ def test_fake_quant_turboquant_equals_the_real_cache(spec):
     def fake():
         cache = DynamicCache(config=model.config)
         for i in range(len(cache.layers)):
-            cache.layers[i] = FakeQuantLayer(s.codec(64), window=s.window)
+            cache.layers[i] = FakeQuantLayer(s.codec(64), window=s.window, sink=s.sink)
         return cache
 
     sim = dataclasses.replace(s, simulate=True)
@@ -183,7 +187,9 @@ def test_bytes_per_token_per_head():
 def test_parse_setting_and_names():
     s = parse_setting("tq:k=5,v=3,window=64,skip=0+29,sink=4")
     assert (s.k_bits, s.v_bits, s.window, s.skip_layers, s.sink) == (5, 3, 64, (0, 29), 4)
-    assert s.name == "tqK5V3 w64 sink4 skip0+29" and not s.uses_real_cache
+    assert s.name == "tqK5V3 w64 sink4 skip0+29" and s.uses_real_cache
+    sim = parse_setting("tq:k=5,v=3,sinks=4,sim=1")
+    assert sim.sink == 4 and sim.name == "tqK5V3 sink4 (sim)" and not sim.uses_real_cache
     assert parse_setting("tq:bits=3").name == "tq3"
     assert parse_setting("int:bits=4,group=64").name == "int4/g64"
     assert parse_setting("tq:bits=4,ck=0,cv=1").name == "tq4 nock cv"

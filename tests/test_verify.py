@@ -75,6 +75,18 @@ def test_verify_threshold_fails_and_recommend(tiny_model_dir, tmp_path, capsys):
     assert "recommended: tq2" in capsys.readouterr().out
 
 
+def test_verify_sinks_and_window_on_the_real_cache(tiny_model_dir, tmp_path):
+    rc, r = _verify(tiny_model_dir, tmp_path, "--k-bits", "5", "--v-bits", "3", "--window", "4", "--sinks", "2",
+                    "--recommend", "--threshold", "1000", "--tokens", "40", "--chunk", "8", "--needle-lengths", "",
+                    "--agreement-tokens", "0", "--layerwise-tokens", "0")  # fmt: skip
+    assert rc == 0
+    rows = {row["setting"]: row for row in r["rows"]}
+    main_row = rows["tqK5V3 w4 sink2"]
+    assert r["main_setting"] == "tqK5V3 w4 sink2" and main_row["how"] == "TurboQuantCache"
+    assert main_row["bytes"] == pytest.approx(72 + 6 / 40 * (256 - 72))  # sinks and window cost fp16
+    assert r["recommendation"] == "tq2 w4 sink2"  # the mixes keep the chosen window and sinks
+
+
 def test_python_dash_m_entry_point():
     import turboquant_vllm.verify as v
 

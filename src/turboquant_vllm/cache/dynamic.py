@@ -7,6 +7,7 @@
 
 Sliding-window layers (config.layer_types "sliding_attention") stay exact: they hold at most `window`
 tokens, so compressing them saves little and would cost quality. Layers listed in `skip_layers` stay exact.
+Within a compressed layer, the first `sinks` and the newest `window` tokens stay exact (TurboQuantSettings).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def compress_layers(
 
 
 def _mean_bytes_per_token_per_head(layers) -> float:
-    """Bytes actually used per token per KV head over compressed layers (window and means included)."""
+    """Bytes actually used per token per KV head over compressed layers (sinks, window and means included)."""
     per = [
         layer.used_bytes() / (layer.get_seq_length() * layer.batch_size * layer.num_heads)
         for layer in layers
@@ -132,6 +133,7 @@ class _CompressedCacheMixin:
     @fused_mode.setter
     def fused_mode(self, value: bool) -> None:
         self._fused_mode = bool(value)
+        self._kernel_mask_slot = None  # the fused attention's reordered mask of the last step (integrations)
         for layer in self._cache.layers:
             if isinstance(layer, CompressedLayer):
                 layer.fused = self._fused_mode
@@ -181,7 +183,8 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
     Args:
         config: the model config (or the model); gives head_dim and the layer types.
         bits: bits per coordinate for K and V (k_bits / v_bits override it).
-        window: recent tokens kept in full precision. skip_layers: layer indices kept exact.
+        window: recent tokens kept in full precision. sinks: first tokens kept in full precision (attention
+            sinks; with left padding, the first cache positions). skip_layers: layer indices kept exact.
         layer_bits: {layer index: (k_bits, v_bits)} for layers that need other widths (e.g. the first/last).
         seed, rotation, center_keys, center_values, validate: see TurboQuantSettings.
     """
@@ -194,6 +197,7 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
         k_bits: int | None = None,
         v_bits: int | None = None,
         window: int = 0,
+        sinks: int = 0,
         skip_layers: Iterable[int] = (),
         layer_bits: Mapping[int, tuple[int, int]] | None = None,
         seed: int = 0,
@@ -204,7 +208,7 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
     ):
         config = getattr(config, "config", config)
         super().__init__(config=config)
-        settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, window=window,
+        settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, window=window, sinks=sinks,
                                 center_keys=center_keys, center_values=center_values, validate=validate)  # fmt: skip
         self._cache = self
         self.settings = settings
@@ -226,8 +230,9 @@ class CompressedDynamicCache(_CompressedCacheMixin):
         compressed = CompressedDynamicCache(cache, head_dim=128, bits=4)
         model.generate(..., past_key_values=cache)   # compressed transparently
 
-    Every token is compressed (no full-precision window, no protected layers); keys are centred per
-    head (free in bits, see TurboQuantSettings). `k_bits` / `v_bits` override `bits`.
+    By default every token is compressed (no full-precision window or sink tokens, no protected layers);
+    keys are centred per head (free in bits, see TurboQuantSettings). `k_bits` / `v_bits` override `bits`;
+    `window` / `sinks` keep the newest / first tokens exact.
     """
 
     def __init__(
@@ -238,14 +243,16 @@ class CompressedDynamicCache(_CompressedCacheMixin):
         *,
         k_bits: int | None = None,
         v_bits: int | None = None,
+        window: int = 0,
+        sinks: int = 0,
         seed: int = 0,
         rotation: str = "qr",
         center_keys: bool = True,
         validate: str | None = None,
     ):
         check_packable_dim(head_dim)
-        settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, center_keys=center_keys,
-                                validate=validate)  # fmt: skip
+        settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, window=window, sinks=sinks,
+                                center_keys=center_keys, validate=validate)  # fmt: skip
         self._cache = cache
         self.cache = cache
         self.settings = settings

@@ -1,15 +1,23 @@
 """A transformers cache layer that stores K/V as TurboQuant codes.
 
 Storage (docs/LAYOUT.md): packed indices + float32 norms per token, one centring mean per (batch, head),
-and an optional full-precision buffer of the most recent `window` tokens. No decompressed copy of
-the past is ever kept.
+and one full-precision buffer `exact_keys` / `exact_values` laid out [sinks | window]: the first `sinks`
+tokens of the sequence (attention sinks, never compressed) followed by the most recent `window` tokens.
+No decompressed copy of the past is ever kept. In sequence order a layer holds
+
+    [sink tokens (exact) | compressed tokens | window tokens (exact)]
+
+"First tokens" are cache positions: with left padding, a padded row's sinks are its first `sinks`
+positions, padding included (masked like any padding); its first real tokens are then compressed.
 
 What `update()` returns, and what attention sees in one step:
 - the compressed past: tokens [0, attend_compressed) of the store (`attention_view()`), and
-- the exact segment: the recent-window tokens plus this step's new tokens, in the model's dtype.
+- the exact segment: the `attend_sinks` sink tokens, then the recent-window tokens and this step's new
+  tokens, in the model's dtype (one tensor, the buffer with the new tokens appended).
 In fused mode `update()` returns only the exact segment (the fused attention reads the compressed past
-through `attention_view()`); otherwise it returns the dequantized past concatenated with the exact
-segment, ready for any attention backend. Both compute the same attention function.
+through `attention_view()`, and puts the mask's sink columns after the compressed ones); otherwise it
+returns every token in sequence order, [sinks, dequantized past, window + new], ready for any attention
+backend. Both compute the same attention function.
 """
 
 from __future__ import annotations
@@ -37,9 +45,12 @@ class TurboQuantSettings:
     k_bits, v_bits: bits per coordinate (1..8; the fused kernels support 2, 3 and 4).
     seed: seed of the rotation. rotation: "qr" or "hadamard".
     window: number of most recent tokens kept in full precision (0 = compress every past token).
-    center_keys / center_values: subtract a per-(batch, head) mean (taken from the first update)
-        before quantizing. Free in bits; for keys it is softmax-neutral and rescues models whose keys
-        share a large offset (k_proj bias, e.g. Qwen2).
+    sinks: number of first tokens of the sequence kept in full precision and never compressed
+        (attention sinks; 0 = none). With left padding these are the first cache positions, padding included.
+    center_keys / center_values: subtract a per-(batch, head) mean before quantizing, taken from the
+        first update's tokens after the sinks (from the first update that has such tokens). Free in bits;
+        for keys it is softmax-neutral and rescues models whose keys share a large offset (k_proj bias,
+        e.g. Qwen2).
     validate: check new K/V for NaN/Inf: "always", "prefill" (only updates of more than one token;
         avoids a host sync per decode step on GPU) or "never". Default: "always" on CPU, "prefill" on GPU.
     """
@@ -49,6 +60,7 @@ class TurboQuantSettings:
     seed: int = 0
     rotation: str = "qr"
     window: int = 0
+    sinks: int = 0
     center_keys: bool = True
     center_values: bool = False
     validate: str | None = None
@@ -58,8 +70,10 @@ class TurboQuantSettings:
         check_bits(self.v_bits, "v_bits")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
+        for name in ("window", "sinks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.validate is not None and self.validate not in VALIDATE_MODES:
             raise ValueError(f"validate must be one of {VALIDATE_MODES} or None, got {self.validate!r}")
 
@@ -71,6 +85,15 @@ def settings_for(bits: int, k_bits: int | None = None, v_bits: int | None = None
         v_bits=check_bits(v_bits if v_bits is not None else bits, "v_bits"),
         **options,
     )
+
+
+def kernel_column_order(mask: torch.Tensor, sinks: int, compressed: int) -> torch.Tensor:
+    """A mask's last dim from sequence order [sinks, compressed, rest] to the order of a kernel that takes the
+    compressed tokens first and the exact segment [sinks, rest] after them: [compressed, sinks, rest]."""
+    if not sinks or not compressed or mask.shape[-1] == 1:
+        return mask
+    s, n = sinks, sinks + compressed
+    return torch.cat([mask[..., s:n], mask[..., :s], mask[..., n:]], dim=-1)
 
 
 class CompressedLayer(DynamicLayer):
@@ -95,9 +118,11 @@ class CompressedLayer(DynamicLayer):
     def _clear(self) -> None:
         self.k_packed = self.k_norms = self.v_packed = self.v_norms = None
         self.k_mean = self.v_mean = None
-        self.exact_keys = self.exact_values = None  # the full-precision window, [B, H, <= window, D]
+        self.exact_keys = self.exact_values = None  # full precision [sinks | window], [B, H, <= sinks + window, D]
+        self.num_sinks = 0  # sink tokens held (the first num_sinks of exact_keys)
         self.num_compressed = 0
         self.attend_compressed = 0
+        self.attend_sinks = 0
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -200,30 +225,48 @@ class CompressedLayer(DynamicLayer):
         self._check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.k_mean is None:
-            self._set_means(key_states, value_states)
         key_states = key_states.to(self.dtype)
         value_states = value_states.to(self.dtype)
+        sinks_before = self.num_sinks
+        new_sinks = max(0, min(self.settings.sinks - sinks_before, key_states.shape[-2]))  # sinks still to fill
+        if self.k_mean is None and key_states.shape[-2] > new_sinks:  # centre on tokens that get compressed
+            self._set_means(key_states[:, :, new_sinks:], value_states[:, :, new_sinks:])
 
+        # exact segment of this step: [sinks | window | new] (the sinks are complete whenever a window exists)
         exact_k = torch.cat([self.exact_keys, key_states], dim=-2)
         exact_v = torch.cat([self.exact_values, value_states], dim=-2)
         self.attend_compressed = self.num_compressed
-        overflow = exact_k.shape[-2] - self.settings.window
+        self.attend_sinks = sinks_before
+        ns = self.num_sinks = sinks_before + new_sinks
+        overflow = exact_k.shape[-2] - ns - self.settings.window
         if overflow > 0:
-            self._compress(exact_k[:, :, :overflow], exact_v[:, :, :overflow])
-            self.exact_keys = exact_k[:, :, overflow:].clone()
-            self.exact_values = exact_v[:, :, overflow:].clone()
+            self._compress(exact_k[:, :, ns : ns + overflow], exact_v[:, :, ns : ns + overflow])
+            if ns:
+                self.exact_keys = torch.cat([exact_k[:, :, :ns], exact_k[:, :, ns + overflow :]], dim=-2)
+                self.exact_values = torch.cat([exact_v[:, :, :ns], exact_v[:, :, ns + overflow :]], dim=-2)
+            else:
+                self.exact_keys = exact_k[:, :, overflow:].clone()
+                self.exact_values = exact_v[:, :, overflow:].clone()
         else:
             self.exact_keys, self.exact_values = exact_k, exact_v
         self.keys, self.values = self.exact_keys, self.exact_values
 
         if self.fused or self.attend_compressed == 0:
-            return exact_k, exact_v
+            return exact_k, exact_v  # with nothing compressed before this step, this is sequence order
         past_k, past_v = self.dequantize(self.attend_compressed)
-        return torch.cat([past_k, exact_k], dim=-2), torch.cat([past_v, exact_v], dim=-2)
+        s = sinks_before
+        return (
+            torch.cat([exact_k[:, :, :s], past_k, exact_k[:, :, s:]], dim=-2),
+            torch.cat([exact_v[:, :, :s], past_v, exact_v[:, :, s:]], dim=-2),
+        )
 
     def attention_view(self) -> CompressedKV:
-        """The compressed past visible to the current step's attention (tokens [0, attend_compressed))."""
+        """The compressed past visible to the current step's attention (tokens [0, attend_compressed)).
+
+        In sequence order these tokens sit between the `attend_sinks` sink tokens and the rest of the exact
+        segment that update() returned in fused mode ([sinks | window | new]): a kernel that takes the
+        compressed tokens first and the exact segment after them sees the sink columns moved behind the
+        compressed ones (`kernel_column_order` does that to a mask)."""
         if not self.is_initialized:
             raise RuntimeError("attention_view() before the first update()")
         return CompressedKV(
@@ -238,7 +281,9 @@ class CompressedLayer(DynamicLayer):
         )
 
     def dequantize(self, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruct compressed tokens [0, length) as [B, H, length, D] in the model dtype (transient)."""
+        """Reconstruct compressed tokens [0, length) as [B, H, length, D] in the model dtype (transient).
+
+        Only the compressed store: sink and window tokens are not in it (`materialize()` gives every token)."""
         n = self.num_compressed if length is None else length
         c = self._codecs
         k = dequantize_reference(self.k_packed[:, :, :n], self.k_norms[:, :, :n], self.k_mean,
@@ -246,6 +291,31 @@ class CompressedLayer(DynamicLayer):
         v = dequantize_reference(self.v_packed[:, :, :n], self.v_norms[:, :, :n], self.v_mean,
                                  c.rotation, c.v_centroids, self.layout.v_bits)  # fmt: skip
         return k.to(self.dtype), v.to(self.dtype)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token in sequence order, [sinks (exact), compressed (dequantized), window (exact)]."""
+        if not self.is_initialized:
+            raise RuntimeError("materialize() before the first update()")
+        k, v = self.dequantize()
+        s = self.num_sinks
+        ek, ev = self.exact_keys, self.exact_values
+        return (torch.cat([ek[:, :, :s], k, ek[:, :, s:]], dim=-2), torch.cat([ev[:, :, :s], v, ev[:, :, s:]], dim=-2))
+
+    @property
+    def sink_keys(self) -> torch.Tensor | None:
+        return None if self.exact_keys is None else self.exact_keys[:, :, : self.num_sinks]
+
+    @property
+    def sink_values(self) -> torch.Tensor | None:
+        return None if self.exact_values is None else self.exact_values[:, :, : self.num_sinks]
+
+    @property
+    def window_keys(self) -> torch.Tensor | None:
+        return None if self.exact_keys is None else self.exact_keys[:, :, self.num_sinks :]
+
+    @property
+    def window_values(self) -> torch.Tensor | None:
+        return None if self.exact_values is None else self.exact_values[:, :, self.num_sinks :]
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -270,16 +340,20 @@ class CompressedLayer(DynamicLayer):
         keep = max(keep, 0)
         if keep >= total or not self.is_initialized:
             return
-        if keep >= self.num_compressed:
-            n = keep - self.num_compressed
-            self.exact_keys = self.exact_keys[:, :, :n]
-            self.exact_values = self.exact_values[:, :, :n]
+        if keep <= self.num_sinks:  # into the sinks: nothing compressed remains, the next tokens are sinks again
+            self.num_sinks = keep
+            self.num_compressed = 0
+            exact = keep
+        elif keep <= self.num_sinks + self.num_compressed:
+            self.num_compressed = keep - self.num_sinks
+            exact = self.num_sinks
         else:
-            self.num_compressed = keep
-            self.exact_keys = self.exact_keys[:, :, :0]
-            self.exact_values = self.exact_values[:, :, :0]
+            exact = keep - self.num_compressed
+        self.exact_keys = self.exact_keys[:, :, :exact]
+        self.exact_values = self.exact_values[:, :, :exact]
         self.keys, self.values = self.exact_keys, self.exact_values
         self.attend_compressed = min(self.attend_compressed, self.num_compressed)
+        self.attend_sinks = min(self.attend_sinks, self.num_sinks)
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
@@ -329,8 +403,8 @@ class CompressedLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         per_tok = self.layout.bytes_per_token_per_head * self.batch_size * self.num_heads
-        exact = 2 * self.exact_keys.numel() * self.exact_keys.element_size()
-        means = 2 * self.k_mean.numel() * 4
+        exact = 2 * self.exact_keys.numel() * self.exact_keys.element_size()  # sinks and window
+        means = 0 if self.k_mean is None else 2 * self.k_mean.numel() * 4
         return self.num_compressed * per_tok + exact + means
 
     def uncompressed_bytes(self) -> int:

@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k-bits", type=int, help="key bits (overrides --bits)")
     g.add_argument("--v-bits", type=int, help="value bits (overrides --bits)")
     g.add_argument("--window", type=int, default=0, help="recent tokens kept in full precision (bytes counted)")
+    g.add_argument("--sinks", type=int, default=0, help="first tokens kept in full precision (bytes counted)")
     g.add_argument("--skip-layers", default="", help="layers kept exact, e.g. 0,29 (bytes counted)")
     g.add_argument("--no-center-keys", action="store_true", help="turn key centring off")
     g.add_argument("--center-values", action="store_true", help="centre values too")
@@ -63,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--settings",
         nargs="*",
         default=[],
-        help="more settings to compare, e.g. tq:k=5,v=3 tq:bits=4,sink=4 int:bits=4,group=64 fp8 kivi:bits=4 "
+        help="more settings to compare, e.g. tq:k=5,v=3,window=64,sink=4 int:bits=4,group=64 fp8 kivi:bits=4 "
         "tq-prod:bits=4 (see quality/baselines.py)",
     )
     g.add_argument("--baselines", action="store_true", help="add fp16, fp8, Hadamard+int, KIVI, TurboQuant Prod")
@@ -79,7 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--recommend",
         action="store_true",
-        help="measure TurboQuant K/V bit mixes; propose the cheapest meeting --threshold (default 1%%)",
+        help="measure TurboQuant K/V bit mixes (with --window / --sinks as given); propose the cheapest meeting "
+        "--threshold (default 1%%)",
     )
     g.add_argument("--json", help="write every measurement to this JSON file")
     g.add_argument("--plot", help="write a PNG: per-layer errors and perplexity change vs bits")
@@ -91,7 +93,7 @@ def main_setting(args):
 
     kb = args.k_bits if args.k_bits is not None else args.bits
     vb = args.v_bits if args.v_bits is not None else args.bits
-    return Setting("tq", kb, vb, window=args.window, skip_layers=tuple(_ints(args.skip_layers)),
+    return Setting("tq", kb, vb, window=args.window, sink=args.sinks, skip_layers=tuple(_ints(args.skip_layers)),
                    center_keys=not args.no_center_keys, center_values=args.center_values)  # fmt: skip
 
 
@@ -104,8 +106,9 @@ def collect_settings(args, head_dim: int):
         settings += baseline_settings(main.k_bits if main.k_bits == main.v_bits else 4, head_dim)
     settings += [parse_setting(s) for s in args.settings]
     if args.recommend:  # the mixes, and the same with layer 0 exact (it rescues Qwen2.5: docs/QUALITY.md)
-        settings += [Setting("tq", k, v) for k, v in RECOMMEND_MIXES]
-        settings += [Setting("tq", k, v, skip_layers=(0,)) for k, v in RECOMMEND_MIXES if 5 <= k + v <= 9]
+        kw = {"window": main.window, "sink": main.sink}  # the exact tokens the user chose
+        settings += [Setting("tq", k, v, **kw) for k, v in RECOMMEND_MIXES]
+        settings += [Setting("tq", k, v, skip_layers=(0,), **kw) for k, v in RECOMMEND_MIXES if 5 <= k + v <= 9]
     unique = {}
     for s in settings:
         unique.setdefault(s.name, s)
@@ -162,7 +165,7 @@ def make_plot(path: str, result: dict) -> None:
         a2.annotate(r["setting"], (r["bits"], r["ppl_change_pct"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")  # fmt: skip
     a2.set_yscale("symlog", linthresh=0.1)
-    a2.set_xlabel("stored bits per coordinate (norms, scales, window, protected layers counted)")
+    a2.set_xlabel("stored bits per coordinate (norms, scales, window, sinks, protected layers counted)")
     a2.set_ylabel("perplexity increase vs exact cache (%)")
     a2.set_title(f"{result['model']}: {result['tokens']} tokens, chunk {result['chunk']}")
     a2.grid(alpha=0.3, which="both")
@@ -315,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     for w in warnings:
         say(f"warning: {w}")
     say(f"\n{label}, {args.text}, {n_tok} tokens (prefill {args.prefill}, chunk {args.chunk}); fp16 = "
-        f"{4 * head_dim} B/token/head; bytes at this context, norms/scales/window/protected layers counted; "
+        f"{4 * head_dim} B/token/head; bytes at this context, norms/scales/window/sinks/protected layers counted; "
         f"{result['seconds']:.0f} s")  # fmt: skip
     print_table(rows, out=say)
     for v in verdicts:

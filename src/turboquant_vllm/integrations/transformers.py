@@ -22,7 +22,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..cache.layer import CompressedLayer
+from ..cache.layer import CompressedLayer, kernel_column_order
 
 TRITON_FA = "triton_fa"
 _FUSED_PREFIX = "tq4_fused_"
@@ -67,6 +67,21 @@ def triton_fa_forward(
     return out, None
 
 
+def _kernel_mask(tq_cache, mask: torch.Tensor | None, sinks: int, compressed: int) -> torch.Tensor | None:
+    """`mask` with its columns in the kernel's order (`kernel_column_order`). transformers builds one mask per
+    forward and hands the same tensor to every layer: the reordered mask is kept (with a reference to the
+    mask, so the identity check cannot be fooled by a reused address) and reused by the next layers."""
+    if mask is None or not sinks or not compressed or mask.shape[-1] == 1:
+        return mask
+    key = (mask._version, sinks, compressed)
+    slot = getattr(tq_cache, "_kernel_mask_slot", None)
+    if slot is not None and slot[0] is mask and slot[1] == key:
+        return slot[2]
+    out = kernel_column_order(mask, sinks, compressed)
+    tq_cache._kernel_mask_slot = (mask, key, out)
+    return out
+
+
 def triton_fa_tq4_kv_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -84,7 +99,12 @@ def triton_fa_tq4_kv_forward(
 
     `tq_cache` is the compressed cache (bound by install_fused_tq4_kv). Without one, or for a layer
     that is not compressed (sliding-window or protected layers), this is `triton_fa_forward`.
-    key/value are the exact segment the compressed layer returned from update() in fused mode.
+    key/value are the exact segment the compressed layer returned from update() in fused mode:
+    [sink tokens | window | new tokens]. The kernel takes the compressed tokens first and the exact
+    segment after them, so the sink tokens (sequence positions [0, S)) move behind the compressed ones:
+    the mask's columns are reordered to match. Bottom-right causal masking stays right: query i of Sq
+    sees exact key e iff e <= i + Se - Sq, and Se - Sq = S + window >= S, so the sinks (older than
+    every query) are always visible, as are the window and the compressed tokens.
     """
     layer = None
     if tq_cache is not None:
@@ -99,9 +119,14 @@ def triton_fa_tq4_kv_forward(
 
     _check_dropout(module, dropout)
     causal = _is_causal(module, query, attention_mask, is_causal)
-    out = tq_attention(
-        query, layer.attention_view(), key, value, attention_mask=attention_mask, causal=causal, scale=scaling
-    )
+    sinks, compressed = layer.attend_sinks, layer.attend_compressed
+    if sinks and key.shape[-2] - query.shape[2] < sinks:
+        raise RuntimeError(
+            f"exact segment of {key.shape[-2]} tokens for {query.shape[2]} queries cannot start with {sinks} "
+            "sink tokens older than every query: pass the segment update() returned"
+        )
+    mask = _kernel_mask(tq_cache, attention_mask, sinks, compressed)
+    out = tq_attention(query, layer.attention_view(), key, value, attention_mask=mask, causal=causal, scale=scaling)
     return out, None
 
 

@@ -1,8 +1,8 @@
 """KV-cache settings to compare at equal bytes: TurboQuant (the real cache) and fake-quant baselines.
 
-A `Setting` names one way of storing K/V and builds a fresh cache for a model. TurboQuant settings that
-`TurboQuantCache` supports build the real compressed cache (so the real code is what is measured); the
-others are simulations for quality only: `FakeQuantLayer`, a DynamicLayer that quantizes K/V when they
+A `Setting` names one way of storing K/V and builds a fresh cache for a model. TurboQuant MSE settings
+(window, sinks and protected layers included) build the real `TurboQuantCache` (so the real code is what
+is measured); the others are simulations for quality only: `FakeQuantLayer`, a DynamicLayer that quantizes K/V when they
 enter the cache and stores the dequantized values. Like the compressed cache, what one step attends to
 is the quantized past plus this step's new tokens (and any recent window) in full precision.
 
@@ -42,7 +42,8 @@ KINDS = ("exact", "fp16", "fp8", "int", "tq", "tq-prod", "kivi")
 
 # ---------------------------------------------------------------------------------------------- codecs
 class Codec:
-    """Fake-quantizes [B, H, S, D] tensors token by token. `begin` sees the first update (e.g. for means)."""
+    """Fake-quantizes [B, H, S, D] tensors token by token. `begin` sees the first update's tokens after the
+    sinks (e.g. for means), as the compressed cache centres on them."""
 
     def begin(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         pass
@@ -198,13 +199,15 @@ class FakeQuantLayer(DynamicLayer):
 
     sink: the first `sink` tokens of the sequence are never quantized. window: the newest `window` tokens
     stay exact. What `update()` returns: the quantized past + (window + new tokens) exact, as the
-    compressed cache does.
+    compressed cache does. The codec's `begin` sees the first update's tokens after the sinks (the first
+    update that has any), as the compressed cache takes its centring means.
     """
 
     def __init__(self, codec: Codec, *, window: int = 0, sink: int = 0):
         super().__init__()
         self.codec, self.window, self.sink = codec, int(window), int(sink)
         self.q_keys = self.q_values = self.exact_keys = self.exact_values = None
+        self.begun = False
 
     def lazy_initialization(self, key_states, value_states):
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -213,18 +216,26 @@ class FakeQuantLayer(DynamicLayer):
         self.exact_keys, self.exact_values = empty.clone(), empty.clone()
         self.keys, self.values = self.q_keys, self.q_values
         self.is_initialized = True
-        self.codec.begin(key_states, value_states)
+
+    def _begin(self, key_states, value_states) -> None:
+        if self.begun:
+            return
+        skip = max(0, self.sink - self.get_seq_length())
+        if key_states.shape[-2] > skip:
+            self.codec.begin(key_states[:, :, skip:], value_states[:, :, skip:])
+            self.begun = True
 
     def _quantize(self, k, v, start: int):
-        qk, qv = self.codec.quant_k(k), self.codec.quant_v(v)
         n_sink = max(0, min(self.sink - start, k.shape[-2]))
-        if n_sink:
-            qk[:, :, :n_sink], qv[:, :, :n_sink] = k[:, :, :n_sink], v[:, :, :n_sink]
-        return qk, qv
+        if n_sink == k.shape[-2]:
+            return k, v
+        qk, qv = self.codec.quant_k(k[:, :, n_sink:]), self.codec.quant_v(v[:, :, n_sink:])
+        return torch.cat([k[:, :, :n_sink], qk], dim=-2), torch.cat([v[:, :, :n_sink], qv], dim=-2)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._begin(key_states, value_states)
         past_k, past_v = self.q_keys, self.q_values
         ek = torch.cat([self.exact_keys, key_states], dim=-2)
         ev = torch.cat([self.exact_values, value_states], dim=-2)
@@ -333,14 +344,14 @@ class Setting:
             s += f" sink{self.sink}"
         if self.skip_layers:
             s += " skip" + "+".join(map(str, self.skip_layers))
-        if self.simulate and self.kind == "tq" and not self.sink:
+        if self.simulate and self.kind == "tq":
             s += " (sim)"
         return s
 
     @property
     def uses_real_cache(self) -> bool:
         """True when this setting is measured on TurboQuantCache itself (not a simulation)."""
-        return self.kind == "tq" and self.sink == 0 and not self.simulate
+        return self.kind == "tq" and not self.simulate
 
     def codec(self, head_dim: int) -> Codec | None:
         kw = dict(seed=self.seed, rotation=self.rotation, center_keys=self.center_keys,
@@ -396,8 +407,9 @@ class Setting:
             return DynamicCache(config=config)
         if self.uses_real_cache:
             return TurboQuantCache(config, k_bits=self.k_bits, v_bits=self.v_bits, window=self.window,
-                                   skip_layers=self.skip_layers, seed=self.seed, rotation=self.rotation,
-                                   center_keys=self.center_keys, center_values=self.center_values)  # fmt: skip
+                                   sinks=self.sink, skip_layers=self.skip_layers, seed=self.seed,
+                                   rotation=self.rotation, center_keys=self.center_keys,
+                                   center_values=self.center_values)  # fmt: skip
         head_dim = head_dim_of(config)
         cache = DynamicCache(config=config)
         skip = set(self.skip_layers)
@@ -414,7 +426,8 @@ class Setting:
 
 
 def parse_setting(spec: str) -> Setting:
-    """`kind[:opt=val,...]`; options k, v, bits, window, sink, skip (a+b), ck, cv, group, seed, rotation."""
+    """`kind[:opt=val,...]`; options k, v, bits, window, sink (or sinks), skip (a+b), ck, cv, group, seed, rotation,
+    sim, label."""
     kind, _, opts = spec.strip().partition(":")
     kw: dict = {}
     for item in filter(None, (o.strip() for o in opts.split(","))):
@@ -428,7 +441,7 @@ def parse_setting(spec: str) -> Setting:
             kw["v_bits"] = int(val)
         elif key in ("window", "w"):
             kw["window"] = int(val)
-        elif key == "sink":
+        elif key in ("sink", "sinks"):
             kw["sink"] = int(val)
         elif key == "skip":
             kw["skip_layers"] = tuple(int(x) for x in val.replace("+", " ").split())

@@ -77,8 +77,7 @@ def reconstruct(layer, keys: torch.Tensor, values: torch.Tensor, prefill: int) -
     if prefill < keys.shape[-2]:
         layer.update(keys[:, :, prefill:], values[:, :, prefill:])
     if isinstance(layer, CompressedLayer):
-        k, v = layer.dequantize()
-        return torch.cat([k, layer.exact_keys], -2), torch.cat([v, layer.exact_values], -2)
+        return layer.materialize()
     if isinstance(layer, FakeQuantLayer):
         return torch.cat([layer.q_keys, layer.exact_keys], -2), torch.cat([layer.q_values, layer.exact_values], -2)
     return layer.keys, layer.values
@@ -187,7 +186,7 @@ def warnings_for(
         msgs.append(
             f"attention sink at token 0 in {len(sinks)} layer(s) (worst: layer {worst.layer}, "
             f"{worst.sink_mass:.0%} of the attention): errors on that token's K/V weigh heavily; a recent window "
-            "does not cover it, keeping the first tokens exact does (simulate: --settings tq:bits=4,sink=4)"
+            "does not cover it, keeping the first tokens exact does (--sinks 4)"
         )
     if errors:
         bad = [e for e in errors if e.attn_cos < attn_cos]
