@@ -494,6 +494,7 @@ C.use_triton = lambda *t: True
 attn = A._tq_attn_kernel
 A._tq_reduce_kernel = Capture(A._tq_reduce_kernel)
 A._tuned_attn_kernel = lambda: Capture(attn, tuned=True)
+A._tq_attn_kernel = Capture(attn)  # the decode sub-tile path launches with a fixed config
 C._tq_compress_kernel = Capture(C._tq_compress_kernel)
 for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [
     (1, 32, 8, 1, 4096, 1, 128, 4, 4, torch.float16, False, False, None),

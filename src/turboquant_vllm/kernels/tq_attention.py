@@ -132,28 +132,38 @@ def _load_units(row_ptrs, nmask, stride_byte, BITS: tl.constexpr, W: tl.constexp
             u8 = tl.load(ptrs + (col * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
         else:
             if (BITS & 4) != 0:
-                off = col % (HEAD_DIM // 2)
+                off = _wrap(col, HEAD_DIM // 2, UWP)
                 u4 = tl.load(ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
             if (BITS & 2) != 0:
-                off = (BITS & 4) * HEAD_DIM // 8 + col % (HEAD_DIM // 4)
+                off = (BITS & 4) * HEAD_DIM // 8 + _wrap(col, HEAD_DIM // 4, UWP)
                 u2 = tl.load(ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
             if (BITS & 1) != 0:
-                off = (BITS & 6) * HEAD_DIM // 8 + col % (HEAD_DIM // 8)
+                off = (BITS & 6) * HEAD_DIM // 8 + _wrap(col, HEAD_DIM // 8, UWP)
                 u1 = tl.load(ptrs + (off * stride_byte)[None, :], mask=lmask, other=0).to(tl.int32)
     else:
         if BITS == 8:
             u8 = tl.load(ptrs + col[None, :], mask=lmask, other=0).to(tl.int32)
         else:
             if (BITS & 4) != 0:
-                off = col % (HEAD_DIM // 2 // E)
+                off = _wrap(col, HEAD_DIM // 2 // E, UWP)
                 u4 = tl.load(ptrs + off[None, :], mask=lmask, other=0).to(tl.int32)
             if (BITS & 2) != 0:
-                off = (BITS & 4) * HEAD_DIM // 8 // E + col % (HEAD_DIM // 4 // E)
+                off = (BITS & 4) * HEAD_DIM // 8 // E + _wrap(col, HEAD_DIM // 4 // E, UWP)
                 u2 = tl.load(ptrs + off[None, :], mask=lmask, other=0).to(tl.int32)
             if (BITS & 1) != 0:
-                off = (BITS & 6) * HEAD_DIM // 8 // E + col % (HEAD_DIM // 8 // E)
+                off = (BITS & 6) * HEAD_DIM // 8 // E + _wrap(col, HEAD_DIM // 8 // E, UWP)
                 u1 = tl.load(ptrs + off[None, :], mask=lmask, other=0).to(tl.int32)
     return u8, u4, u2, u1
+
+
+@triton.jit
+def _wrap(col, PERIOD: tl.constexpr, UWP: tl.constexpr):
+    """col mod PERIOD, written so that the compiler still sees a contiguous run when it needs no wrap (the
+    widest plane: 16-byte vector loads)."""
+    if PERIOD >= UWP:
+        return col
+    else:
+        return col % PERIOD
 
 
 @triton.jit
@@ -198,7 +208,7 @@ def _field(u, T: tl.constexpr, W_PL: tl.constexpr, R_PL: tl.constexpr, LOW: tl.c
 @triton.jit
 def _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, T: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
               E: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, cdt: tl.constexpr,
-              GATHER: tl.constexpr):  # fmt: skip
+              GATHER: tl.constexpr, TAB_ASM: tl.constexpr = ""):  # fmt: skip
     """centroids[idx] of sub-tile T as a [BLOCK_N, UWP] tile in cdt (the codebook table's dtype).
 
     GATHER 0 (any bits; the interpreter): a load per element. tab_base is the table's address as int64,
@@ -207,8 +217,11 @@ def _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, T: tl.constexpr, BITS: tl.cons
     GATHER 1 (bits <= 5, GPU): a warp shuffle per element, no address: lane_tab holds, in every lane l, the
     bits of entry l mod 2**BITS, and shfl.sync.idx reads lane idx (its low 5 bits: the bits above BITS only
     pick a replica), e.g. 4 bits: one shift and one SHFL per element.
+    GATHER 2 (bits <= 5, GPU): the same shuffle inside one unary inline-asm block (TAB_ASM, _table_asm) that
+    builds the lane's table entry from immediates, so the compiler can move tl.dot's operand-layout
+    conversion up to the packed units (4x fewer bytes through shared memory than the values).
     """
-    if GATHER == 1:
+    if GATHER >= 1:
         LG = 0
     else:
         LG = cdt.primitive_bitwidth // 16  # log2 of the element size: fp16 / bf16 1, fp32 2
@@ -221,7 +234,7 @@ def _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, T: tl.constexpr, BITS: tl.cons
             off = _field(u2, T, 2, HEAD_DIM // 4, 0, W, E, HEAD_DIM, UWP, LG, GATHER == 0)
         else:
             off = _field(u1, T, 1, HEAD_DIM // 8, 0, W, E, HEAD_DIM, UWP, LG, GATHER == 0)
-    elif GATHER == 1:  # two planes (3 = [2, 1], 5 = [4, 1]): one bit-select merges them, no masks
+    elif GATHER >= 1:  # two planes (3 = [2, 1], 5 = [4, 1]): one bit-select merges them, no masks
         if (BITS & 4) != 0:
             lo = _field(u4, T, 4, HEAD_DIM // 2, 0, W, E, HEAD_DIM, UWP, 0, False)
             hi = _field(u1, T, 1, HEAD_DIM // 8, 4, W, E, HEAD_DIM, UWP, 0, False)
@@ -238,7 +251,13 @@ def _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, T: tl.constexpr, BITS: tl.cons
             off = off | _field(u2, T, 2, HEAD_DIM // 4, BITS & 4, W, E, HEAD_DIM, UWP, LG)
         if (BITS & 1) != 0:
             off = off | _field(u1, T, 1, HEAD_DIM // 8, BITS & 6, W, E, HEAD_DIM, UWP, LG)
-    if GATHER == 1:
+    if GATHER == 2:
+        if cdt.primitive_bitwidth == 16:
+            v = tl.inline_asm_elementwise(TAB_ASM, "=h,r", [off], dtype=tl.int16, is_pure=True, pack=1)
+        else:
+            v = tl.inline_asm_elementwise(TAB_ASM, "=r,r", [off], dtype=tl.int32, is_pure=True, pack=1)
+        return v.to(cdt, bitcast=True)
+    elif GATHER == 1:
         v = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r", [lane_tab, off],
                                       dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
         if cdt.primitive_bitwidth == 16:
@@ -342,6 +361,47 @@ def _unrot(o, acc, pi_ptr, stride_pr, stride_pc, cols, cmask, W: tl.constexpr, E
 
 
 @triton.jit
+def _sub_coords(T: tl.constexpr, W: tl.constexpr, E: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr):
+    """Coordinates of the UWP columns of sub-tile T (E * col + T % E + (T // E) * R_W) and the real-column mask."""
+    col = tl.arange(0, UWP)
+    R_W = HEAD_DIM * W // 8
+    return E * col + T % E + (T // E) * R_W, col < R_W // E
+
+
+@triton.jit
+def _rot_q_subs(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, scale, cdt: tl.constexpr,
+                W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
+                UWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Tuple of NT tiles [BLOCK_M, UWP] in cdt: scale * (q @ Pi[coords of sub-tile T].T) (padding columns 0)."""
+    out = ()
+    for T in tl.static_range(NT):
+        c, cm = _sub_coords(T, W, E, HEAD_DIM, UWP)
+        acc = tl.zeros([BLOCK_M, UWP], dtype=tl.float32)
+        for kc in tl.static_range(HEAD_DP // BLOCK_K):
+            k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+            km = k < HEAD_DIM
+            qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
+                         other=0.0).to(tl.float32)  # fmt: skip
+            pit = tl.load(pi_ptr + (c * stride_pr)[None, :] + (k * stride_pc)[:, None],
+                          mask=km[:, None] & cm[None, :], other=0.0)  # fmt: skip
+            acc = tl.dot(qc, pit, acc, input_precision=PREC)
+        out = out + ((acc * scale).to(cdt),)
+    return out
+
+
+@triton.jit
+def _unrot_subs(o, accs, pi_ptr, stride_pr, stride_pc, cols, cmask, W: tl.constexpr, E: tl.constexpr,
+                NT: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """o + sum_T accs[T] @ Pi[coords of sub-tile T, cols]."""
+    for T in tl.static_range(NT):
+        c, cm = _sub_coords(T, W, E, HEAD_DIM, UWP)
+        pi = tl.load(pi_ptr + (c * stride_pr)[:, None] + (cols * stride_pc)[None, :],
+                     mask=cm[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        o = tl.dot(accs[T], pi, o, input_precision=PREC)
+    return o
+
+
+@triton.jit
 def _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb, stride_kpn, stride_knb, stride_knn,
                stride_vpb, stride_vpn, stride_vnb, stride_vnn, PAGED: tl.constexpr,
                PAGE_SIZE: tl.constexpr):  # fmt: skip
@@ -370,6 +430,100 @@ def _online_softmax_step(sc, m_i, l_i):
     return p, alpha, m_new, l_new
 
 
+@triton.jit
+def _comp_subtiles(
+    q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, km_ptr, stride_kmb, stride_kmh, stride_kmd,
+    vm_ptr, stride_vmb, stride_vmh, stride_vmd, kp_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpd,
+    kn_ptr, stride_knb, stride_knh, stride_knn, vp_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpd,
+    vn_ptr, stride_vnb, stride_vnh, stride_vnn, kc_ptr, vc_ptr, bt_ptr, stride_btb, stride_btn,
+    mask_ptr, stride_mk, m_row, ws_ptr, w_lin, wm_ptr, wl_ptr, b, kvh, s, start, end, nc, se_len, SQ, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
+    K_BITS: tl.constexpr, K_W: tl.constexpr, K_E: tl.constexpr, K_NT: tl.constexpr, K_UWP: tl.constexpr,
+    V_BITS: tl.constexpr, V_W: tl.constexpr, V_E: tl.constexpr, V_NT: tl.constexpr, V_UWP: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
+    K_GATHER: tl.constexpr, V_GATHER: tl.constexpr, K_TAB: tl.constexpr, V_TAB: tl.constexpr,
+    DOT_PREC: tl.constexpr, ROT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Compressed tokens [start, end) of one split, sub-tile by sub-tile (the decode path, one warp).
+
+    Same result as the joined-tile path of _tq_attn_kernel, but the K scores are a sum of K_NT dots
+    (q_rot's columns of sub-tile T against the centroids of sub-tile T) and the values accumulate into V_NT
+    rotated-space accumulators, one per sub-tile. Every operand of those dots is an elementwise function of
+    the packed units (shift, then the table shuffle of GATHER 2), so the compiler converts the packed units to
+    the MMA operand layout (4 bytes per 8 or 16 codes) instead of the 16-bit values, and no tile is joined.
+    Writes the partial output (original space) to the workspace; returns (m_i, l_i).
+    """
+    cdt = q_ptr.dtype.element_ty
+    nn = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    qkm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for kc in tl.static_range(HEAD_DP // BLOCK_K):  # <q, k_mean> by column blocks (few registers: one warp)
+        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = k < HEAD_DIM
+        qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + k * stride_kmd, mask=km, other=0.0)
+        qkm += tl.sum(qc * kmv[None, :], axis=1)
+    qkm = qkm * qk_scale
+    qr = _rot_q_subs(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, qk_scale, cdt, K_W, K_E, K_NT,
+                     HEAD_DIM, HEAD_DP, K_UWP, BLOCK_M, BLOCK_K, ROT_PREC)  # fmt: skip
+    accs = ()
+    for _T in tl.static_range(V_NT):
+        accs = accs + (tl.zeros([BLOCK_M, V_UWP], dtype=tl.float32),)
+    kbase = kc_ptr.to(tl.int64)
+    vbase = vc_ptr.to(tl.int64)
+    klane = _lane_table(kc_ptr, tl.zeros([BLOCK_N, K_UWP], dtype=tl.int32), 1 << K_BITS, K_GATHER)
+    vlane = _lane_table(vc_ptr, tl.zeros([BLOCK_N, V_UWP], dtype=tl.int32), 1 << V_BITS, V_GATHER)
+    k_head = kp_ptr + kvh.to(tl.int64) * stride_kph
+    kn_head = kn_ptr + kvh.to(tl.int64) * stride_knh
+    v_head = vp_ptr + kvh.to(tl.int64) * stride_vph
+    vn_head = vn_ptr + kvh.to(tl.int64) * stride_vnh
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + nn
+        nmask = n < end
+        k_row, kn_row, v_row, vn_row = _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb, stride_kpn,
+                                                  stride_knb, stride_knn, stride_vpb, stride_vpn, stride_vnb,
+                                                  stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
+        k8, k4, k2, k1 = _load_units(k_head + k_row[:, None], nmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM, K_UWP)
+        kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0)
+        sc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for T in tl.static_range(K_NT):
+            kt = _sub_vals(k8, k4, k2, k1, kbase, klane, T, K_BITS, K_W, K_E, HEAD_DIM, K_UWP, cdt, K_GATHER, K_TAB)
+            sc = tl.dot(qr[T], tl.trans(kt), sc, input_precision=DOT_PREC)
+        sc = sc * kn[None, :] + qkm[:, None]
+        valid = nmask[None, :]
+        if CAUSAL_COMP:
+            valid = valid & (n[None, :] <= (s + nc + se_len - SQ)[:, None])
+        if MASK_MODE == 1:
+            mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
+                         mask=rmask[:, None] & nmask[None, :], other=0)  # fmt: skip
+            valid = valid & (mv != 0)
+        sc = tl.where(valid, sc, float("-inf"))
+        if MASK_MODE == 2:
+            mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
+                         mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
+            sc = sc + mv.to(tl.float32) * 1.4426950408889634
+        p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
+        v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM, V_UWP)
+        vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
+        pv = (p * vn[None, :]).to(cdt)
+        new = ()
+        for T in tl.static_range(V_NT):
+            vt = _sub_vals(v8, v4, v2, v1, vbase, vlane, T, V_BITS, V_W, V_E, HEAD_DIM, V_UWP, cdt, V_GATHER, V_TAB)
+            new = new + (tl.dot(pv, vt, accs[T] * alpha[:, None], input_precision=DOT_PREC),)
+        accs = new
+    for cb in tl.static_range(HEAD_DP // BLOCK_C):
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < HEAD_DIM
+        vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + cols * stride_vmd, mask=cmask, other=0.0)
+        o = l_i[:, None] * vmv[None, :]
+        o = _unrot_subs(o, accs, pi_ptr, stride_pr, stride_pc, cols, cmask, V_W, V_E, V_NT, HEAD_DIM, V_UWP, ROT_PREC)
+        tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + cols[None, :], o, mask=rmask[:, None])
+    return m_i, l_i
+
+
 @triton.jit(do_not_specialize=["n_comp", "se_len", "chunk", "NS_C", "NS"])  # change with the length: one binary
 def _tq_attn_kernel(
     q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
@@ -392,9 +546,10 @@ def _tq_attn_kernel(
     V_BITS: tl.constexpr, V_W: tl.constexpr, V_E: tl.constexpr, V_NT: tl.constexpr, V_UWP: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
-    K_GATHER: tl.constexpr, V_GATHER: tl.constexpr,
+    K_GATHER: tl.constexpr, V_GATHER: tl.constexpr, SUBTILE: tl.constexpr, K_TAB: tl.constexpr,
+    V_TAB: tl.constexpr,
     DOT_PREC: tl.constexpr, ROT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """Split-KV attention over compressed tokens (splits < NS_C) or the exact segment (splits >= NS_C).
 
@@ -439,6 +594,8 @@ def _tq_attn_kernel(
     q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + s.to(tl.int64) * stride_qs
     if MASK_MODE != 0:
         m_row = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + s.to(tl.int64) * stride_mq
+    else:
+        m_row = q_off  # unused
     w_lin = (bh.to(tl.int64) * NS + split) * MP + rows
     n_rows = tl.num_programs(2).to(tl.int64) * NS * MP
     wm_ptr = ws_ptr + n_rows * HEAD_DP
@@ -454,79 +611,95 @@ def _tq_attn_kernel(
         if CAUSAL_COMP:
             # bottom-right over the whole key sequence: key j visible to row s iff j <= s + nc + Se - Sq
             end = tl.minimum(end, s_max + nc + se_len - SQ + 1)
-        # prologue: <q, k_mean> and the rotated query sub-tiles, pre-scaled by scale * log2(e)
-        q32 = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
-                      other=0.0).to(tl.float32)  # fmt: skip
-        kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + d * stride_kmd, mask=dmask, other=0.0)
-        qkm = tl.sum(q32 * kmv[None, :], axis=1) * qk_scale
-        qr = (_rot_q(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, K_W, K_E, K_NT, HEAD_DIM, HEAD_DP,
-                     K_UWP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
-        acc_r = tl.zeros([BLOCK_M, V_NT * V_UWP], dtype=tl.float32)  # rotated space, _tile_vals column order
-        kbase = kc_ptr.to(tl.int64)
-        vbase = vc_ptr.to(tl.int64)
-        k_head = kp_ptr + kvh.to(tl.int64) * stride_kph
-        kn_head = kn_ptr + kvh.to(tl.int64) * stride_knh
-        v_head = vp_ptr + kvh.to(tl.int64) * stride_vph
-        vn_head = vn_ptr + kvh.to(tl.int64) * stride_vnh
-        # software pipelining by hand: the packed bytes and norms of tile i + 1 are loaded (into registers)
-        # while tile i is computed, so the HBM latency overlaps the tile building.
-        n = start + nn
-        nmask = n < end
-        k_row, kn_row, v_row, vn_row = _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb, stride_kpn,
-                                                  stride_knb, stride_knn, stride_vpb, stride_vpn, stride_vnb,
-                                                  stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
-        k8, k4, k2, k1 = _load_units(k_head + k_row[:, None], nmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM, K_UWP)
-        v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM, V_UWP)
-        kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0)
-        vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
-        klane = _lane_table(kc_ptr, tl.zeros([BLOCK_N, K_UWP], dtype=tl.int32), 1 << K_BITS, K_GATHER)
-        vlane = _lane_table(vc_ptr, tl.zeros([BLOCK_N, V_UWP], dtype=tl.int32), 1 << V_BITS, V_GATHER)
-        for _ in range(start, end, BLOCK_N):
-            nx = n + BLOCK_N
-            nxmask = nx < end
-            k_row, kn_row, v_row, vn_row = _tile_rows(nx, nxmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb,
+        if SUBTILE:
+            m_i, l_i = _comp_subtiles(
+                q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, km_ptr, stride_kmb, stride_kmh,
+                stride_kmd, vm_ptr, stride_vmb, stride_vmh, stride_vmd, kp_ptr, stride_kpb, stride_kph, stride_kpn,
+                stride_kpd, kn_ptr, stride_knb, stride_knh, stride_knn, vp_ptr, stride_vpb, stride_vph, stride_vpn,
+                stride_vpd, vn_ptr, stride_vnb, stride_vnh, stride_vnn, kc_ptr, vc_ptr, bt_ptr, stride_btb,
+                stride_btn, mask_ptr, stride_mk, m_row, ws_ptr, w_lin, wm_ptr, wl_ptr, b, kvh, s, start, end, nc,
+                se_len, SQ, qk_scale, GROUP, HEAD_DIM, HEAD_DP, K_BITS, K_W, K_E, K_NT, K_UWP, V_BITS, V_W, V_E, V_NT,
+                V_UWP, PAGED, PAGE_SIZE, CAUSAL_COMP, MASK_MODE, K_GATHER, V_GATHER, K_TAB, V_TAB, DOT_PREC,
+                ROT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_C,
+            )  # fmt: skip
+        else:
+            # prologue: <q, k_mean> and the rotated query sub-tiles, pre-scaled by scale * log2(e)
+            q32 = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
+                          other=0.0).to(tl.float32)  # fmt: skip
+            kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + d * stride_kmd, mask=dmask, other=0.0)
+            qkm = tl.sum(q32 * kmv[None, :], axis=1) * qk_scale
+            qr = (_rot_q(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, K_W, K_E, K_NT, HEAD_DIM,
+                         HEAD_DP, K_UWP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
+            acc_r = tl.zeros([BLOCK_M, V_NT * V_UWP], dtype=tl.float32)  # rotated space, _tile_vals column order
+            kbase = kc_ptr.to(tl.int64)
+            vbase = vc_ptr.to(tl.int64)
+            k_head = kp_ptr + kvh.to(tl.int64) * stride_kph
+            kn_head = kn_ptr + kvh.to(tl.int64) * stride_knh
+            v_head = vp_ptr + kvh.to(tl.int64) * stride_vph
+            vn_head = vn_ptr + kvh.to(tl.int64) * stride_vnh
+            # software pipelining by hand: the packed bytes and norms of tile i + 1 are loaded (into registers)
+            # while tile i is computed, so the HBM latency overlaps the tile building.
+            n = start + nn
+            nmask = n < end
+            k_row, kn_row, v_row, vn_row = _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb,
                                                       stride_kpn, stride_knb, stride_knn, stride_vpb, stride_vpn,
                                                       stride_vnb, stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
-            k8x, k4x, k2x, k1x = _load_units(k_head + k_row[:, None], nxmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM,
-                                             K_UWP)  # fmt: skip
-            v8x, v4x, v2x, v1x = _load_units(v_head + v_row[:, None], nxmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM,
-                                             V_UWP)  # fmt: skip
-            knx = tl.load(kn_head + kn_row, mask=nxmask, other=0.0)
-            vnx = tl.load(vn_head + vn_row, mask=nxmask, other=0.0)
-            kh = _tile_vals(k8, k4, k2, k1, kbase, klane, K_BITS, K_W, K_E, K_NT, HEAD_DIM, K_UWP, cdt, K_GATHER)
-            sc = tl.dot(qr, tl.trans(kh), input_precision=DOT_PREC)
-            sc = sc * kn[None, :] + qkm[:, None]
-            valid = nmask[None, :]
-            if CAUSAL_COMP:
-                valid = valid & (n[None, :] <= (s + nc + se_len - SQ)[:, None])
-            if MASK_MODE == 1:
-                mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
-                             mask=rmask[:, None] & nmask[None, :], other=0)  # fmt: skip
-                valid = valid & (mv != 0)
-            sc = tl.where(valid, sc, float("-inf"))
-            if MASK_MODE == 2:
-                mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
-                             mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
-                sc = sc + mv.to(tl.float32) * 1.4426950408889634
-            p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
-            # values: P @ V, P pre-multiplied by the value norms
-            pv = (p * vn[None, :]).to(cdt)
-            vh = _tile_vals(v8, v4, v2, v1, vbase, vlane, V_BITS, V_W, V_E, V_NT, HEAD_DIM, V_UWP, cdt, V_GATHER)
-            acc_r = tl.dot(pv, vh, acc_r * alpha[:, None], input_precision=DOT_PREC)
-            n = nx
-            nmask = nxmask
-            k8, k4, k2, k1 = k8x, k4x, k2x, k1x
-            v8, v4, v2, v1 = v8x, v4x, v2x, v1x
-            kn = knx
-            vn = vnx
-        # epilogue: back to the original space, o = acc_rot @ Pi + l * v_mean, by column blocks
-        for cb in tl.static_range(HEAD_DP // BLOCK_C):
-            cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-            cmask = cols < HEAD_DIM
-            vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + cols * stride_vmd, mask=cmask, other=0.0)
-            o = l_i[:, None] * vmv[None, :]
-            o = _unrot(o, acc_r, pi_ptr, stride_pr, stride_pc, cols, cmask, V_W, V_E, V_NT, HEAD_DIM, V_UWP, ROT_PREC)
-            tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + cols[None, :], o, mask=rmask[:, None])
+            k8, k4, k2, k1 = _load_units(k_head + k_row[:, None], nmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM,
+                                         K_UWP)  # fmt: skip
+            v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM,
+                                         V_UWP)  # fmt: skip
+            kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0)
+            vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
+            klane = _lane_table(kc_ptr, tl.zeros([BLOCK_N, K_UWP], dtype=tl.int32), 1 << K_BITS, K_GATHER)
+            vlane = _lane_table(vc_ptr, tl.zeros([BLOCK_N, V_UWP], dtype=tl.int32), 1 << V_BITS, V_GATHER)
+            for _ in range(start, end, BLOCK_N):
+                nx = n + BLOCK_N
+                nxmask = nx < end
+                k_row, kn_row, v_row, vn_row = _tile_rows(nx, nxmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb,
+                                                          stride_kpn, stride_knb, stride_knn, stride_vpb, stride_vpn,
+                                                          stride_vnb, stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
+                k8x, k4x, k2x, k1x = _load_units(k_head + k_row[:, None], nxmask, stride_kpd, K_BITS, K_W, K_E,
+                                                 HEAD_DIM, K_UWP)  # fmt: skip
+                v8x, v4x, v2x, v1x = _load_units(v_head + v_row[:, None], nxmask, stride_vpd, V_BITS, V_W, V_E,
+                                                 HEAD_DIM, V_UWP)  # fmt: skip
+                knx = tl.load(kn_head + kn_row, mask=nxmask, other=0.0)
+                vnx = tl.load(vn_head + vn_row, mask=nxmask, other=0.0)
+                kh = _tile_vals(k8, k4, k2, k1, kbase, klane, K_BITS, K_W, K_E, K_NT, HEAD_DIM, K_UWP, cdt, K_GATHER)
+                sc = tl.dot(qr, tl.trans(kh), input_precision=DOT_PREC)
+                sc = sc * kn[None, :] + qkm[:, None]
+                valid = nmask[None, :]
+                if CAUSAL_COMP:
+                    valid = valid & (n[None, :] <= (s + nc + se_len - SQ)[:, None])
+                if MASK_MODE == 1:
+                    mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
+                                 mask=rmask[:, None] & nmask[None, :], other=0)  # fmt: skip
+                    valid = valid & (mv != 0)
+                sc = tl.where(valid, sc, float("-inf"))
+                if MASK_MODE == 2:
+                    mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
+                                 mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
+                    sc = sc + mv.to(tl.float32) * 1.4426950408889634
+                p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
+                # values: P @ V, P pre-multiplied by the value norms
+                pv = (p * vn[None, :]).to(cdt)
+                vh = _tile_vals(v8, v4, v2, v1, vbase, vlane, V_BITS, V_W, V_E, V_NT, HEAD_DIM, V_UWP, cdt, V_GATHER)
+                acc_r = tl.dot(pv, vh, acc_r * alpha[:, None], input_precision=DOT_PREC)
+                n = nx
+                nmask = nxmask
+                k8, k4, k2, k1 = k8x, k4x, k2x, k1x
+                v8, v4, v2, v1 = v8x, v4x, v2x, v1x
+                kn = knx
+                vn = vnx
+            # epilogue: back to the original space, o = acc_rot @ Pi + l * v_mean, by column blocks
+            for cb in tl.static_range(HEAD_DP // BLOCK_C):
+                cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+                cmask = cols < HEAD_DIM
+                vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + cols * stride_vmd, mask=cmask, other=0.0)
+                o = l_i[:, None] * vmv[None, :]
+                o = _unrot(
+                    o, acc_r, pi_ptr, stride_pr, stride_pc, cols, cmask, V_W, V_E, V_NT, HEAD_DIM, V_UWP, ROT_PREC
+                )
+                tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + cols[None, :], o, mask=rmask[:, None])
     else:
         start = (split - NS_C) * chunk
         end = tl.minimum(start + chunk, se_len)
@@ -538,8 +711,8 @@ def _tq_attn_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DP], dtype=tl.float32)
         ke_base = ke_ptr + b.to(tl.int64) * stride_keb + kvh.to(tl.int64) * stride_keh
         ve_base = ve_ptr + b.to(tl.int64) * stride_veb + kvh.to(tl.int64) * stride_veh
-        for e0 in range(start, end, BLOCK_N):
-            e = e0 + nn
+        for e0 in range(start, end, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
             emask = e < end
             ld_mask = emask[:, None] & dmask[None, :]
             e64 = e.to(tl.int64)
@@ -624,7 +797,7 @@ def _tq_reduce_kernel(
 
 
 _ATTN_CONFIGS = [
-    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_N": bn, "BLOCK_E": bn}, num_warps=w, num_stages=s)
     for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 2), (32, 8, 2)]
 ]  # the packed bytes are prefetched by hand one tile ahead (num_stages only pipelines the norms)
 
@@ -841,6 +1014,9 @@ def _paged_reference(query, k_packed, k_norms, v_packed, v_norms, block_table, s
 # Centroid lookup on the GPU for bits <= 5: warp shuffle (True) or an L1 load per element (False, as in the
 # interpreter). Module-level so benchmarks can compare the two.
 SHUFFLE_GATHER = True
+SUBTILE_DECODE = True  # decode (<= 32 query rows per program): the sub-tile path with one warp per program
+DECODE_CONFIG = (64, 1, 3)  # (BLOCK_N, num_warps, num_stages) of the sub-tile path on the GPU
+_DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
 _SPLIT_OVERHEAD = 3  # fixed cost of one program (Pi twice from L2, ramp-up), in units of _MIN_CHUNK tokens
 _MAX_SPLITS = 128
@@ -900,6 +1076,45 @@ def _codebooks(codecs: Codecs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return tabs[0], tabs[1]
 
 
+def _table_asm(values: list[float], dtype: torch.dtype) -> str:
+    """PTX of GATHER 2: $0 = values[$1 mod 32 mod len] in `dtype` (len = 2**bits <= 32).
+
+    Lane l's source register holds entry l mod len, chosen from immediates by setp/selp on %laneid (the
+    compiler keeps one copy per loop iteration: every use computes the same thing), then one shfl.sync.idx
+    reads lane $1 (its low 5 bits; higher bits are ignored, lower-width tables are replicated across lanes).
+    """
+    n = len(values)
+    t = torch.tensor(values, dtype=torch.float32).to(dtype)
+    if dtype.itemsize == 2:
+        bits = t.view(torch.int16).to(torch.int32) & 0xFFFF
+    else:
+        bits = t.view(torch.int32) & 0xFFFFFFFF
+    bits = [int(b) for b in bits]
+    ops = ["{", ".reg .b32 tql, tqt, tqr;", ".reg .pred tqp;", "mov.u32 tql, %laneid;"]
+    ops += [f"and.b32 tql, tql, {n - 1};", f"mov.b32 tqt, {bits[0]};"]
+    for i in range(1, n):
+        ops += [f"setp.eq.u32 tqp, tql, {i};", f"selp.b32 tqt, {bits[i]}, tqt, tqp;"]
+    if dtype.itemsize == 2:
+        ops += ["shfl.sync.idx.b32 tqr, tqt, $1, 0x1f, -1;", "cvt.u16.u32 $0, tqr;", "}"]
+    else:
+        ops += ["shfl.sync.idx.b32 $0, tqt, $1, 0x1f, -1;", "}"]
+    return " ".join(ops)
+
+
+def _table_asms(codecs: Codecs, dtype: torch.dtype) -> tuple[str, str]:
+    """(K, V) GATHER-2 PTX for a Codecs, built once per (Codecs, dtype) (one device-to-host copy, at first use)."""
+    key = ("asm", id(codecs), dtype)
+    hit = _CODEBOOKS.get(key)
+    if hit is not None and hit[0] is codecs:
+        return hit[1], hit[2]
+    k = _table_asm(codecs.k_centroids.cpu().tolist(), dtype) if codecs.layout.k_bits <= 5 else ""
+    v = _table_asm(codecs.v_centroids.cpu().tolist(), dtype) if codecs.layout.v_bits <= 5 else ""
+    if len(_CODEBOOKS) >= 64:
+        _CODEBOOKS.clear()
+    _CODEBOOKS[key] = (codecs, k, v)
+    return k, v
+
+
 @functools.lru_cache(maxsize=256)
 def _shape_plan(hq: int, sq: int, d: int, hkv: int, dtype: torch.dtype, interp: bool):
     """Tile shapes from the head counts, Sq, head_dim and dtype (interpreter: fewest, widest steps)."""
@@ -922,24 +1137,25 @@ def _shape_plan(hq: int, sq: int, d: int, hkv: int, dtype: torch.dtype, interp: 
 
 
 @functools.lru_cache(maxsize=4096)
-def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16) -> int:
+def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, resident: int = 2) -> int:
     """Splits of the token range for `programs` (B*Hkv*row blocks) and `chunks` (tokens / _MIN_CHUNK).
 
-    Model: an SM holding k programs takes k * (chunks / ns + overhead), at full speed only with >= 2 resident
-    programs (one alone cannot keep enough loads in flight); the overhead of a split grows with its partials
-    (BLOCK_M rows). Fewest splits among the cheapest.
+    Model: an SM holding k programs takes k / resident * (chunks / ns + overhead) once it holds >= `resident`
+    programs (fewer cannot keep enough loads in flight, and run no faster); the overhead of a split grows with
+    its partials (BLOCK_M rows). Fewest splits among the cheapest.
     """
     overhead = _SPLIT_OVERHEAD + block_m / 16
     best, best_cost = 1, float("inf")
     for ns in range(1, min(chunks, _MAX_SPLITS) + 1):
         k = -(-programs * ns // sms)
-        cost = k * 2 / min(k, 2) * (-(-chunks // ns) + overhead)
+        cost = max(k, resident) / resident * (-(-chunks // ns) + overhead)
         if cost < best_cost:
             best, best_cost = ns, cost
     return best
 
 
-def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, interp: bool, block_m: int):
+def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, interp: bool, block_m: int,
+            resident: int = 2):  # fmt: skip
     """(chunk, NS_C, NS_E) from host-side numbers only."""
     total = max(1, max_tokens + se)
     align = 16 if interp else _MIN_CHUNK
@@ -950,7 +1166,7 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
     elif interp:
         want = _cdiv(16, programs)
     else:
-        want = _num_splits(programs, _cdiv(total, align), _num_sms(device.index or 0), block_m)
+        want = _num_splits(programs, _cdiv(total, align), _num_sms(device.index or 0), block_m, resident)
     want = max(1, min(want, _cdiv(total, align)))
     chunk = _cdiv(_cdiv(total, want), align) * align
     return chunk, max(1, _cdiv(max_tokens, chunk)), _cdiv(se, chunk)
@@ -984,7 +1200,9 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     if bsz == 0 or hq == 0 or sq == 0:
         return out
     bh = bsz * hkv
-    chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m)
+    subtile = SUBTILE_DECODE and block_m <= 32
+    resident = _DECODE_RESIDENT if subtile and not interp else 2
+    chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m, resident)
     ns = ns_c + ns_e
     if bh > _MAX_GRID_YZ or ns > _MAX_GRID_YZ:
         raise ValueError(f"B * Hkv ({bh}) and the KV split count ({ns}) must be <= {_MAX_GRID_YZ} (CUDA grid limit)")
@@ -1023,14 +1241,22 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     )  # fmt: skip
     grid = (m_blocks, ns, bh)
     shfl = SHUFFLE_GATHER and not interp  # inline PTX: not in the interpreter
+    gather = 2 if subtile else 1
+    k_gather = gather if shfl and lay.k_bits <= 5 else 0
+    v_gather = gather if shfl and lay.v_bits <= 5 else 0
+    k_tab, v_tab = _table_asms(codecs, query.dtype) if subtile and shfl else ("", "")
     flags = dict(
         K_BITS=lay.k_bits, K_W=k_w, K_E=k_e, K_NT=k_e * (8 // k_w), K_UWP=k_uwp, V_BITS=lay.v_bits, V_W=v_w, V_E=v_e,
-        V_NT=v_e * (8 // v_w), V_UWP=v_uwp,
-        K_GATHER=int(shfl and lay.k_bits <= 5), V_GATHER=int(shfl and lay.v_bits <= 5), PAGED=paged, PAGE_SIZE=page,
+        V_NT=v_e * (8 // v_w), V_UWP=v_uwp, K_GATHER=k_gather, V_GATHER=v_gather, SUBTILE=subtile,
+        K_TAB=k_tab if k_gather == 2 else "", V_TAB=v_tab if v_gather == 2 else "", PAGED=paged, PAGE_SIZE=page,
         CAUSAL=bool(causal), CAUSAL_COMP=bool(causal_comp), MASK_MODE=mask_mode,
     )  # fmt: skip
     if interp:
-        _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=16, num_warps=4)
+        _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=16, BLOCK_E=16, num_warps=1 if subtile else 4)
+    elif subtile:
+        bn, warps, stages = DECODE_CONFIG
+        meta = dict(meta, BLOCK_C=min(32, hdp))  # one warp: small epilogue tiles (no spills)
+        _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=bn, BLOCK_E=16, num_warps=warps, num_stages=stages)
     else:
         _tuned_attn_kernel()[grid](*args, **meta, **flags)
 
