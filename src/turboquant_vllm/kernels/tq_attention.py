@@ -208,7 +208,7 @@ def _field(u, T: tl.constexpr, W_PL: tl.constexpr, R_PL: tl.constexpr, LOW: tl.c
 @triton.jit
 def _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, T: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
               E: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, cdt: tl.constexpr,
-              GATHER: tl.constexpr, TAB_ASM: tl.constexpr = ""):  # fmt: skip
+              GATHER: tl.constexpr, TAB_ASM: tl.constexpr):  # fmt: skip
     """centroids[idx] of sub-tile T as a [BLOCK_N, UWP] tile in cdt (the codebook table's dtype).
 
     GATHER 0 (any bits; the interpreter): a load per element. tab_base is the table's address as int64,
@@ -294,21 +294,23 @@ def _lane_table(tab_ptr, like, LEVELS: tl.constexpr, GATHER: tl.constexpr):
 @triton.jit
 def _tile_vals(u8, u4, u2, u1, tab_base, lane_tab, BITS: tl.constexpr, W: tl.constexpr, E: tl.constexpr,
                NT: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, cdt: tl.constexpr,
-               GATHER: tl.constexpr):  # fmt: skip
+               GATHER: tl.constexpr, TAB_ASM: tl.constexpr):  # fmt: skip
     """The NT sub-tiles side by side, [BLOCK_N, NT * UWP] in cdt: column p holds sub-tile bitrev(p % NT), column
     p // NT (tl.join keeps each pair in one thread: no data movement). _tile_coords maps columns to coordinates."""
-    x = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 0, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+    x = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 0, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
     if NT >= 2:
-        x = tl.join(x, _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 1, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER))
+        x = tl.join(
+            x, _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 1, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
+        )
     if NT >= 4:
-        y2 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 2, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
-        y3 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 3, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        y2 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 2, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
+        y3 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 3, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
         x = tl.join(x, tl.join(y2, y3))
     if NT >= 8:
-        y4 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 4, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
-        y5 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 5, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
-        y6 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 6, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
-        y7 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 7, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER)
+        y4 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 4, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
+        y5 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 5, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
+        y6 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 6, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
+        y7 = _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, 7, BITS, W, E, HEAD_DIM, UWP, cdt, GATHER, TAB_ASM)
         x = tl.join(x, tl.join(tl.join(y4, y5), tl.join(y6, y7)))
     return tl.reshape(x, [x.shape[0], NT * UWP])
 
@@ -664,7 +666,9 @@ def _tq_attn_kernel(
                                                  HEAD_DIM, V_UWP)  # fmt: skip
                 knx = tl.load(kn_head + kn_row, mask=nxmask, other=0.0)
                 vnx = tl.load(vn_head + vn_row, mask=nxmask, other=0.0)
-                kh = _tile_vals(k8, k4, k2, k1, kbase, klane, K_BITS, K_W, K_E, K_NT, HEAD_DIM, K_UWP, cdt, K_GATHER)
+                kh = _tile_vals(
+                    k8, k4, k2, k1, kbase, klane, K_BITS, K_W, K_E, K_NT, HEAD_DIM, K_UWP, cdt, K_GATHER, K_TAB
+                )
                 sc = tl.dot(qr, tl.trans(kh), input_precision=DOT_PREC)
                 sc = sc * kn[None, :] + qkm[:, None]
                 valid = nmask[None, :]
@@ -682,7 +686,9 @@ def _tq_attn_kernel(
                 p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
                 # values: P @ V, P pre-multiplied by the value norms
                 pv = (p * vn[None, :]).to(cdt)
-                vh = _tile_vals(v8, v4, v2, v1, vbase, vlane, V_BITS, V_W, V_E, V_NT, HEAD_DIM, V_UWP, cdt, V_GATHER)
+                vh = _tile_vals(
+                    v8, v4, v2, v1, vbase, vlane, V_BITS, V_W, V_E, V_NT, HEAD_DIM, V_UWP, cdt, V_GATHER, V_TAB
+                )
                 acc_r = tl.dot(pv, vh, acc_r * alpha[:, None], input_precision=DOT_PREC)
                 n = nx
                 nmask = nxmask
@@ -1014,8 +1020,11 @@ def _paged_reference(query, k_packed, k_norms, v_packed, v_norms, block_table, s
 # Centroid lookup on the GPU for bits <= 5: warp shuffle (True) or an L1 load per element (False, as in the
 # interpreter). Module-level so benchmarks can compare the two.
 SHUFFLE_GATHER = True
-SUBTILE_DECODE = True  # decode (<= 32 query rows per program): the sub-tile path with one warp per program
-DECODE_CONFIG = (64, 1, 3)  # (BLOCK_N, num_warps, num_stages) of the sub-tile path on the GPU
+SUBTILE_DECODE = True  # decode (<= 16 query rows per program): the sub-tile path with one warp per program
+DECODE_CONFIG = (64, 1, 3)  # (BLOCK_N, num_warps, num_stages) of the sub-tile path on the GPU (head_dim <= 128)
+DECODE_CONFIG_WIDE = (64, 1, 2)  # the same for head_dim 256 (3 stages spill)
+DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice)
+_SUBTILE_MIN_WORK = 1 << 21  # compressed token-heads (B * Hkv * tokens) from which the sub-tile path is faster
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
 _SPLIT_OVERHEAD = 3  # fixed cost of one program (Pi twice from L2, ramp-up), in units of _MIN_CHUNK tokens
@@ -1200,7 +1209,17 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     if bsz == 0 or hq == 0 or sq == 0:
         return out
     bh = bsz * hkv
-    subtile = SUBTILE_DECODE and block_m <= 32
+    # sub-tile path: decode-sized row blocks in 16-bit (float32 and bigger row blocks spill with one warp); the
+    # interpreter takes it for float32 too, so that the CPU tests cover it
+    # and (GPU) enough work to hide one warp's instruction latency: measured on the H100, the joined path is
+    # faster below ~2M compressed token-heads (1 x 8 heads x 128K; 16 x 8 x 4K) and the sub-tile path above
+    subtile = (
+        SUBTILE_DECODE
+        and block_m <= 16
+        and (
+            interp or (query.dtype != torch.float32 and bsz * hkv * max_tokens >= _SUBTILE_MIN_WORK and bsz * hkv >= 32)
+        )
+    )
     resident = _DECODE_RESIDENT if subtile and not interp else 2
     chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m, resident)
     ns = ns_c + ns_e
@@ -1254,9 +1273,14 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     if interp:
         _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=16, BLOCK_E=16, num_warps=1 if subtile else 4)
     elif subtile:
-        bn, warps, stages = DECODE_CONFIG
+        bn, warps, stages = DECODE_CONFIG if hdp <= 128 else DECODE_CONFIG_WIDE
+        if lay.k_bits in (3, 5) or lay.v_bits in (3, 5):
+            bn = min(bn, 32)  # two-plane codes: more live values per token (measured faster at 32 on the H100)
         meta = dict(meta, BLOCK_C=min(32, hdp))  # one warp: small epilogue tiles (no spills)
-        _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=bn, BLOCK_E=16, num_warps=warps, num_stages=stages)
+        extra = {} if DECODE_MAXNREG is None else {"maxnreg": DECODE_MAXNREG}
+        _tq_attn_kernel[grid](
+            *args, **meta, **flags, BLOCK_N=bn, BLOCK_E=16, num_warps=warps, num_stages=stages, **extra
+        )
     else:
         _tuned_attn_kernel()[grid](*args, **meta, **flags)
 
