@@ -1094,11 +1094,8 @@ def _table_asm(values: list[float], dtype: torch.dtype) -> str:
     """
     n = len(values)
     t = torch.tensor(values, dtype=torch.float32).to(dtype)
-    if dtype.itemsize == 2:
-        bits = t.view(torch.int16).to(torch.int32) & 0xFFFF
-    else:
-        bits = t.view(torch.int32) & 0xFFFFFFFF
-    bits = [int(b) for b in bits]
+    raw = t.view(torch.int16 if dtype.itemsize == 2 else torch.int32).tolist()
+    bits = [f"0x{b & (0xFFFF if dtype.itemsize == 2 else 0xFFFFFFFF):08X}" for b in raw]  # bit patterns, hex
     ops = ["{", ".reg .b32 tql, tqt, tqr;", ".reg .pred tqp;", "mov.u32 tql, %laneid;"]
     ops += [f"and.b32 tql, tql, {n - 1};", f"mov.b32 tqt, {bits[0]};"]
     for i in range(1, n):
