@@ -43,6 +43,17 @@ Pipeline: 2 launches for any call, decode included.
        ``l * v_mean`` is added, so every split's partial is in the original space.
      Splits ``>= NS_C`` walk a chunk of the exact segment in the original space with bottom-right causal
      masking. Every split writes float32 partials (m, l in base 2, unnormalised acc) to one workspace.
+     Decode has a second form of the compressed splits, the sub-tile path (``_comp_subtiles``, SUBTILE):
+       one warp per program, no joined tile. The scores are sum_T q_rot[:, sub-tile T] . centroids(T)^T
+       (one tl.dot per sub-tile) and the values accumulate into one rotated-space accumulator per sub-tile,
+       rotated back sub-tile by sub-tile in the epilogue. Every dot operand is an elementwise function of
+       the packed units (a shift, then GATHER 2: the warp shuffle inside one unary inline-asm block whose
+       lane table comes from immediates), so the compiler converts the packed units to the MMA operand
+       layout (4 bytes per 8 codes at 4 bits) rather than 16-bit values, and shared memory carries ~1
+       wavefront per token per head instead of ~18. Taken for decode-sized row blocks (<= 16 rows) in
+       16-bit with B * Hkv >= 32 and >= 2M compressed token-heads (``_SUBTILE_MIN_WORK``): with fewer
+       programs one warp each cannot hide its latency and the per-program rotations dominate, and the
+       joined path (4 warps, autotuned) is faster (benchmarks/RESULTS.md).
   2. ``_tq_reduce_kernel`` grid (row tiles, column blocks): merges the NS partials of each output row with
      all splits loaded at once (no serial chain of loads), divides by l, writes ``[B, Sq, Hq, D]`` (any
      strides) in the query dtype. A few microseconds at decode sizes.
