@@ -522,12 +522,13 @@ class GenerateBench:
                         tok, _ = self.decode(cache, tok, c + self.warmup, self.steps)
                         self.sync()
                         dt = time.perf_counter() - t0
+                        extra = self.profile_steps(row["case"], cache, tok, c + self.warmup + self.steps)
                 finally:
                     uninstall_fused_tq4_kv(self.model)
                 seq = cache.get_seq_length()
-                if seq != c + self.warmup + self.steps:
+                if seq != c + self.warmup + self.steps + extra:
                     raise RuntimeError(
-                        f"cache holds {seq} tokens after decoding, expected {c + self.warmup + self.steps}"
+                        f"cache holds {seq} tokens after decoding, expected {c + self.warmup + self.steps + extra}"
                     )
                 row["tok_s"] = b * self.steps / dt
                 row["ms_step"] = 1e3 * dt / self.steps
@@ -542,6 +543,37 @@ class GenerateBench:
             del cache
             self.free()
         return row
+
+    def profile_steps(self, case: str, cache, tok: torch.Tensor, pos: int) -> int:
+        """--profile N: N more decode steps (after the timed ones) under torch.profiler; writes the operators
+        by self CPU time and by device time to <out-dir>/profile_<case>.txt and prints where the step's wall
+        time goes (host time in Python/ATen/launches vs time the GPU was busy). Returns N."""
+        n = self.args.profile or 0
+        if not n:
+            return 0
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.sync()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            self.decode(cache, tok, pos, n)
+            self.sync()
+        wall = (time.perf_counter() - t0) / n
+        ka = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", 0) for e in ka) / n
+        cpu = ka.table(sort_by="self_cpu_time_total", row_limit=30)
+        dev = ka.table(sort_by="self_device_time_total", row_limit=30) if len(acts) > 1 else ""
+        path = Path(self.args.out_dir) / f"profile_{case.replace(':', '_')}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            f"{case}: {n} decode steps under the profiler\n\nby self CPU time\n{cpu}\n\nby device time\n{dev}\n"
+        )
+        self.progress.write(
+            f"[{case}] profile: {1e3 * wall:.2f} ms per step under the profiler, GPU busy {dev_us / 1e3:.2f} ms "
+            f"per step ({path})"
+        )
+        return n
 
     def run_case(self, b: int, c: int, variants: list[str]) -> list[dict]:
         """Every selected variant of one (B, context) case, at one layer count that fits all of them."""
@@ -931,6 +963,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 16; quick 6; smoke 1)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up decode steps (default 3; quick 2; smoke 1)")
     p.add_argument("--layers", type=int, default=None, help="force this many layers for every case")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, N more decode steps under torch.profiler (tables in the out dir)")  # fmt: skip
     p.add_argument("--model-layers", type=int, default=None, help="layers of the model built (default 32; smoke 2)")
     p.add_argument("--check-batch", type=int, default=None, help="batch of the correctness check (default 2)")
     p.add_argument("--check-ctx", type=int, default=None, help="context of the correctness check (default 1024)")
