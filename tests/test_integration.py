@@ -223,8 +223,8 @@ def test_fused_attention_with_sinks_equals_sequence_order_reference(sq, mask_kin
         pad[1, :2] = False
         mask = sdpa_mask(batch_size=2, q_length=sq, kv_length=total, cache_position=torch.arange(total - sq, total),
                          attention_mask=pad, allow_is_causal_skip=False)  # fmt: skip
-        if mask_kind == "additive":  # -1e9: the kernel scales additive masks by log2(e), finfo.min overflows
-            mask = torch.where(mask, 0.0, -1e9)
+        if mask_kind == "additive":  # transformers' additive masks use finfo(float32).min
+            mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
     holder = SimpleNamespace(layer=lambda i: layer)
     module = SimpleNamespace(is_causal=True, training=False, layer_idx=0)
     out, _ = triton_fa_tq4_kv_forward(module, q, seg_k, seg_v, mask, scaling=0.125, tq_cache=holder)

@@ -183,6 +183,18 @@ def test_additive_mask_full_shape(device):
     _run_dense(device, b, hq, hkv, sq, nc, se, d, 4, 4, False, F16, mask=mask.half())
 
 
+def test_additive_mask_with_finfo_min(device):
+    """transformers' additive masks use torch.finfo(float32).min: scaled by log2(e) it would overflow to -inf.
+    Partly masked rows must match the reference, and a row masked everywhere by finfo.min gives PyTorch's equal
+    weights (not zeros)."""
+    b, hq, hkv, sq, nc, se, d = 2, 4, 2, 2, 30, 2, 64
+    low = torch.finfo(torch.float32).min
+    mask = torch.zeros(b, 1, sq, nc + se)
+    mask[0, :, :, :7] = low  # left padding of row 0
+    mask[1, 0, 1, :] = low  # every key of one query row
+    _run_dense(device, b, hq, hkv, sq, nc, se, d, 4, 4, False, F32, mask=mask.to(device))
+
+
 def test_fully_masked_rows_give_zeros(device):
     b, hq, hkv, sq, nc, se, d = 2, 4, 2, 2, 20, 2, 64
     mask = torch.ones(b, hq, sq, nc + se, dtype=torch.bool, device=device)

@@ -433,6 +433,15 @@ def _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb, stride_k
 
 
 @triton.jit
+def _mask_bias(mv):
+    """An additive mask in base 2. Finite biases are clamped first: torch.finfo(float32).min * log2(e) would
+    overflow to -inf, and a row masked that way everywhere must give PyTorch's answer (equal weights), not an
+    empty row. A true -inf stays -inf (fully masked rows give zeros)."""
+    b = mv.to(tl.float32)
+    return tl.where(b == float("-inf"), b, tl.maximum(b, -2e38)) * 1.4426950408889634
+
+
+@triton.jit
 def _online_softmax_step(sc, m_i, l_i):
     """One FlashAttention-2 step in base 2; returns (p, alpha, m_new, l_new). Fully masked rows stay 0."""
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -517,7 +526,7 @@ def _comp_subtiles(
         if MASK_MODE == 2:
             mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
                          mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
-            sc = sc + mv.to(tl.float32) * 1.4426950408889634
+            sc = sc + _mask_bias(mv)
         p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
         v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM, V_UWP)
         vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
@@ -693,7 +702,7 @@ def _tq_attn_kernel(
                 if MASK_MODE == 2:
                     mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
                                  mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
-                    sc = sc + mv.to(tl.float32) * 1.4426950408889634
+                    sc = sc + _mask_bias(mv)
                 p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
                 # values: P @ V, P pre-multiplied by the value norms
                 pv = (p * vn[None, :]).to(cdt)
@@ -747,7 +756,7 @@ def _tq_attn_kernel(
             if MASK_MODE == 2:
                 mv = tl.load(mask_ptr + m_row[:, None] + (key * stride_mk)[None, :],
                              mask=rmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
-                sc = sc + mv.to(tl.float32) * 1.4426950408889634
+                sc = sc + _mask_bias(mv)
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
             v = tl.load(ve_base + (e64 * stride_ves)[:, None] + (d * stride_ved)[None, :], mask=ld_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision=DOT_PREC)
