@@ -130,3 +130,23 @@ def test_verify_on_smollm2_end_to_end(tmp_path):
     assert tq4["top1"] > 0.75 and tq4["kl"] < 0.1
     assert tq4["attn_cos_min"] > 0.9
     assert {row["setting"]: row for row in r["rows"]}["exact"]["needle"] == "1/1"
+
+
+def test_policy_default_is_what_enable_turboquant_uses():
+    """--policy default takes default_policy(bits); explicit options override parts; plain stays plain."""
+    import argparse
+
+    from turboquant_vllm.cli.verify import add_arguments, main_setting
+    from turboquant_vllm.integrations.transformers import default_policy
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for bits in (3, 4):
+        pol = default_policy(bits)
+        s = main_setting(p.parse_args(["--policy", "default", "--bits", str(bits)]))
+        assert (s.k_bits, s.v_bits, s.window, s.sink) == (pol["k_bits"], pol["v_bits"], pol["window"], pol["sinks"])
+        assert tuple(s.skip_layers) == tuple(pol["skip_layers"])
+    s = main_setting(p.parse_args(["--policy", "default", "--bits", "4", "--k-bits", "5", "--sinks", "0"]))
+    assert (s.k_bits, s.v_bits, s.sink, s.window) == (5, 3, 0, 64)
+    s = main_setting(p.parse_args(["--bits", "4"]))
+    assert (s.k_bits, s.v_bits, s.window, s.sink, tuple(s.skip_layers)) == (4, 4, 0, 0, ())

@@ -55,9 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int, default=4, help="bits per coordinate for K and V (default 4)")
     g.add_argument("--k-bits", type=int, help="key bits (overrides --bits)")
     g.add_argument("--v-bits", type=int, help="value bits (overrides --bits)")
-    g.add_argument("--window", type=int, default=0, help="recent tokens kept in full precision (bytes counted)")
-    g.add_argument("--sinks", type=int, default=0, help="first tokens kept in full precision (bytes counted)")
-    g.add_argument("--skip-layers", default="", help="layers kept exact, e.g. 0,29 (bytes counted)")
+    g.add_argument(
+        "--policy",
+        choices=("plain", "default"),
+        default="plain",
+        help="plain: every token of every layer at --bits (default); default: what enable_turboquant(model, "
+        "bits) uses (default_policy: K/V bits, window, sinks, exact layers), options below override parts",
+    )
+    g.add_argument("--window", type=int, help="recent tokens kept in full precision (bytes counted; default 0)")
+    g.add_argument("--sinks", type=int, help="first tokens kept in full precision (bytes counted; default 0)")
+    g.add_argument("--skip-layers", help="layers kept exact, e.g. 0,29 (bytes counted; default none)")
     g.add_argument("--no-center-keys", action="store_true", help="turn key centring off")
     g.add_argument("--center-values", action="store_true", help="centre values too")
     g.add_argument(
@@ -89,12 +96,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_setting(args):
+    from ..integrations.transformers import default_policy
     from ..quality.baselines import Setting
 
-    kb = args.k_bits if args.k_bits is not None else args.bits
-    vb = args.v_bits if args.v_bits is not None else args.bits
-    return Setting("tq", kb, vb, window=args.window, sink=args.sinks, skip_layers=tuple(_ints(args.skip_layers)),
-                   center_keys=not args.no_center_keys, center_values=args.center_values)  # fmt: skip
+    policy = default_policy(args.bits) if getattr(args, "policy", "plain") == "default" else {}
+
+    def pick(value, key, fallback):
+        return value if value is not None else policy.get(key, fallback)
+
+    kb = pick(args.k_bits, "k_bits", args.bits)
+    vb = pick(args.v_bits, "v_bits", args.bits)
+    skip = tuple(_ints(args.skip_layers)) if args.skip_layers is not None else tuple(policy.get("skip_layers", ()))
+    return Setting("tq", kb, vb, window=pick(args.window, "window", 0), sink=pick(args.sinks, "sinks", 0),
+                   skip_layers=skip, center_keys=not args.no_center_keys, center_values=args.center_values)  # fmt: skip
 
 
 def collect_settings(args, head_dim: int):
