@@ -442,6 +442,27 @@ def _mask_bias(mv):
 
 
 @triton.jit
+def _masked_scores(sc, col, cmask, last, rmask, mask_ptr, m_row, stride_mk, CAUSAL: tl.constexpr,
+                   MASK_MODE: tl.constexpr):  # fmt: skip
+    """Scores [BLOCK_M, BLOCK_N] with every invisible key at -inf: keys outside cmask, (CAUSAL) columns after
+    `last` (the last visible column of each row, bottom-right over the whole key sequence), and the attention
+    mask (MASK_MODE 1 bool, 2 additive in base 2) read at columns `col` of [compressed, exact] order."""
+    valid = cmask[None, :]
+    if CAUSAL:
+        valid = valid & (col[None, :] <= last[:, None])
+    if MASK_MODE == 1:
+        mv = tl.load(mask_ptr + m_row[:, None] + (col.to(tl.int64) * stride_mk)[None, :],
+                     mask=rmask[:, None] & cmask[None, :], other=0)  # fmt: skip
+        valid = valid & (mv != 0)
+    sc = tl.where(valid, sc, float("-inf"))
+    if MASK_MODE == 2:
+        mv = tl.load(mask_ptr + m_row[:, None] + (col.to(tl.int64) * stride_mk)[None, :],
+                     mask=rmask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        sc = sc + _mask_bias(mv)
+    return sc
+
+
+@triton.jit
 def _online_softmax_step(sc, m_i, l_i):
     """One FlashAttention-2 step in base 2; returns (p, alpha, m_new, l_new). Fully masked rows stay 0."""
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -515,18 +536,8 @@ def _comp_subtiles(
             kt = _sub_vals(k8, k4, k2, k1, kbase, klane, T, K_BITS, K_W, K_E, HEAD_DIM, K_UWP, cdt, K_GATHER, K_TAB)
             sc = tl.dot(qr[T], tl.trans(kt), sc, input_precision=DOT_PREC)
         sc = sc * kn[None, :] + qkm[:, None]
-        valid = nmask[None, :]
-        if CAUSAL_COMP:
-            valid = valid & (n[None, :] <= (s + nc + se_len - SQ)[:, None])
-        if MASK_MODE == 1:
-            mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
-                         mask=rmask[:, None] & nmask[None, :], other=0)  # fmt: skip
-            valid = valid & (mv != 0)
-        sc = tl.where(valid, sc, float("-inf"))
-        if MASK_MODE == 2:
-            mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
-                         mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
-            sc = sc + _mask_bias(mv)
+        sc = _masked_scores(sc, n, nmask, s + nc + se_len - SQ, rmask, mask_ptr, m_row, stride_mk, CAUSAL_COMP,
+                            MASK_MODE)  # fmt: skip
         p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
         v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM, V_UWP)
         vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
@@ -691,18 +702,8 @@ def _tq_attn_kernel(
                 )
                 sc = tl.dot(qr, tl.trans(kh), input_precision=DOT_PREC)
                 sc = sc * kn[None, :] + qkm[:, None]
-                valid = nmask[None, :]
-                if CAUSAL_COMP:
-                    valid = valid & (n[None, :] <= (s + nc + se_len - SQ)[:, None])
-                if MASK_MODE == 1:
-                    mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
-                                 mask=rmask[:, None] & nmask[None, :], other=0)  # fmt: skip
-                    valid = valid & (mv != 0)
-                sc = tl.where(valid, sc, float("-inf"))
-                if MASK_MODE == 2:
-                    mv = tl.load(mask_ptr + m_row[:, None] + (n.to(tl.int64) * stride_mk)[None, :],
-                                 mask=rmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
-                    sc = sc + _mask_bias(mv)
+                sc = _masked_scores(sc, n, nmask, s + nc + se_len - SQ, rmask, mask_ptr, m_row, stride_mk, CAUSAL_COMP,
+                                    MASK_MODE)  # fmt: skip
                 p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
                 # values: P @ V, P pre-multiplied by the value norms
                 pv = (p * vn[None, :]).to(cdt)
@@ -744,19 +745,9 @@ def _tq_attn_kernel(
             e64 = e.to(tl.int64)
             k = tl.load(ke_base + (e64 * stride_kes)[:, None] + (d * stride_ked)[None, :], mask=ld_mask, other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            valid = emask[None, :]
-            if CAUSAL:
-                valid = valid & (e[None, :] <= (s + se_len - SQ)[:, None])
-            key = (nc + e).to(tl.int64)
-            if MASK_MODE == 1:
-                mv = tl.load(mask_ptr + m_row[:, None] + (key * stride_mk)[None, :],
-                             mask=rmask[:, None] & emask[None, :], other=0)  # fmt: skip
-                valid = valid & (mv != 0)
-            sc = tl.where(valid, sc, float("-inf"))
-            if MASK_MODE == 2:
-                mv = tl.load(mask_ptr + m_row[:, None] + (key * stride_mk)[None, :],
-                             mask=rmask[:, None] & emask[None, :], other=0.0)  # fmt: skip
-                sc = sc + _mask_bias(mv)
+            # exact key e is column nc + e; bottom-right causal: e <= s + Se - Sq
+            sc = _masked_scores(sc, nc + e, emask, s + nc + se_len - SQ, rmask, mask_ptr, m_row, stride_mk, CAUSAL,
+                                MASK_MODE)  # fmt: skip
             p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
             v = tl.load(ve_base + (e64 * stride_ves)[:, None] + (d * stride_ved)[None, :], mask=ld_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(cdt), v, input_precision=DOT_PREC)
@@ -1049,7 +1040,8 @@ _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough lo
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
 _SPLIT_OVERHEAD = 3  # fixed cost of one program (Pi twice from L2, ramp-up), in units of _MIN_CHUNK tokens
 _MAX_SPLITS = 128
-_CODEBOOKS: dict = {}  # (id(codecs), dtype) -> (codecs, k table, v table)
+_CODEBOOKS: dict = {}  # (kind, id(codecs), dtype) -> (codecs, value): see _per_codecs
+_CODEBOOKS_MAX = 512
 _CODECS_OK: dict = {}  # (id(codecs), head_dim, device) -> codecs, validated once
 
 
@@ -1085,24 +1077,35 @@ def _max_unit(packed: torch.Tensor) -> int:
     return 1
 
 
+def _per_codecs(kind: str, codecs: Codecs, dtype: torch.dtype, build):
+    """build(codecs, dtype), memoised per (kind, Codecs object, dtype). Every layer holds its own device Codecs,
+    so the bound leaves room for two kinds over 128 layers: a model never rebuilds them step after step."""
+    key = (kind, id(codecs), dtype)
+    hit = _CODEBOOKS.get(key)
+    if hit is not None and hit[0] is codecs:
+        return hit[1]
+    value = build(codecs, dtype)
+    if len(_CODEBOOKS) >= _CODEBOOKS_MAX:
+        _CODEBOOKS.clear()
+    _CODEBOOKS[key] = (codecs, value)
+    return value
+
+
 def _codebooks(codecs: Codecs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The K / V codebooks in the compute dtype, built once per (Codecs, dtype), each 1 KB aligned (the kernel
     addresses entry idx as base | idx * itemsize)."""
-    key = (id(codecs), dtype)
-    hit = _CODEBOOKS.get(key)
-    if hit is not None and hit[0] is codecs:
-        return hit[1], hit[2]
-    buf = torch.zeros(3 * 1024, dtype=torch.uint8, device=codecs.rotation.device)
-    off = -buf.data_ptr() % 1024
-    tabs = []
-    for i, cent in enumerate((codecs.k_centroids, codecs.v_centroids)):
-        t = buf[off + i * 1024 : off + i * 1024 + cent.numel() * dtype.itemsize].view(dtype)
-        t.copy_(cent)
-        tabs.append(t)
-    if len(_CODEBOOKS) >= 64:
-        _CODEBOOKS.clear()
-    _CODEBOOKS[key] = (codecs, tabs[0], tabs[1])
-    return tabs[0], tabs[1]
+
+    def build(codecs, dtype):
+        buf = torch.zeros(3 * 1024, dtype=torch.uint8, device=codecs.rotation.device)
+        off = -buf.data_ptr() % 1024
+        tabs = []
+        for i, cent in enumerate((codecs.k_centroids, codecs.v_centroids)):
+            t = buf[off + i * 1024 : off + i * 1024 + cent.numel() * dtype.itemsize].view(dtype)
+            t.copy_(cent)
+            tabs.append(t)
+        return tabs[0], tabs[1]
+
+    return _per_codecs("tables", codecs, dtype, build)
 
 
 def _table_asm(values: list[float], dtype: torch.dtype) -> str:
@@ -1129,16 +1132,13 @@ def _table_asm(values: list[float], dtype: torch.dtype) -> str:
 
 def _table_asms(codecs: Codecs, dtype: torch.dtype) -> tuple[str, str]:
     """(K, V) GATHER-2 PTX for a Codecs, built once per (Codecs, dtype) (one device-to-host copy, at first use)."""
-    key = ("asm", id(codecs), dtype)
-    hit = _CODEBOOKS.get(key)
-    if hit is not None and hit[0] is codecs:
-        return hit[1], hit[2]
-    k = _table_asm(codecs.k_centroids.cpu().tolist(), dtype) if codecs.layout.k_bits <= 5 else ""
-    v = _table_asm(codecs.v_centroids.cpu().tolist(), dtype) if codecs.layout.v_bits <= 5 else ""
-    if len(_CODEBOOKS) >= 64:
-        _CODEBOOKS.clear()
-    _CODEBOOKS[key] = (codecs, k, v)
-    return k, v
+
+    def build(codecs, dtype):
+        k = _table_asm(codecs.k_centroids.cpu().tolist(), dtype) if codecs.layout.k_bits <= 5 else ""
+        v = _table_asm(codecs.v_centroids.cpu().tolist(), dtype) if codecs.layout.v_bits <= 5 else ""
+        return k, v
+
+    return _per_codecs("asm", codecs, dtype, build)
 
 
 @functools.lru_cache(maxsize=256)
