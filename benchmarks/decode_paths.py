@@ -5,7 +5,8 @@ path, the sub-tile path in several tile configs, and SDPA at its best, in the sa
 
 check: fused decode (dense; exact segment + bool mask + causal; paged with a random block permutation) vs
 PyTorch dequantize + float32 attention, over head_dim 64-256, K/V bits 2-6, fp16 / bf16 / fp32, Sq 1 and 4.
-time: graph-replay medians; % of bandwidth = compressed bytes read / time / 3.0 TB/s.
+time: graph-replay medians of the dispatched path ("auto"), the joined-tile path, the sub-tile path in several tile
+configs and, where B * Hkv < 32, at several split counts; % of bandwidth = compressed bytes read / time / 3.0 TB/s.
 """
 
 from __future__ import annotations
@@ -137,21 +138,27 @@ def time_shape(b, n, hkv, d, kb, vb) -> str:
     q = torch.randn(b, 32, 1, d, device="cuda", dtype=torch.float16)
     nbytes = b * hkv * n * kv.codecs.layout.bytes_per_token_per_head
 
-    def decode():
-        return tqa.tq_attention(q, kv, None, None)
+    def timed(label: str, splits: int | None = None) -> str:
+        check_decode(q, kv)
+        t = tt.do_bench_cudagraph(lambda: tqa.tq_attention(q, kv, None, None, num_kv_splits=splits), rep=50,
+                                  return_mode="median")  # fmt: skip
+        return f"{label}: {t:.4f} ({base / t:.2f}x {nbytes / (t * 1e-3) / BW * 100:.0f}%)"
 
-    row = [f"B{b} N{n} Hkv{hkv} d{d} K{kb}V{vb}: sdpa {base:.4f}"]
-    tuned, min_work = tqa._tuned_attn_kernel, tqa._SUBTILE_MIN_WORK
+    row = [f"B{b} N{n} Hkv{hkv} d{d} K{kb}V{vb}: sdpa {base:.4f}", timed("auto")]
+    saved = tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE = _FixedJoined, False
-    t = tt.do_bench_cudagraph(decode, rep=50, return_mode="median")
-    row.append(f"joined {t:.4f} ({base / t:.2f}x)")
-    tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK = tuned, True, 0
+    row.append(timed("joined"))
+    if b * hkv < 32:  # few programs: the split count decides
+        row += [timed(f"joined/{ns}", ns) for ns in (16, 32, 64)]
+    tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved[0], True, 0, 0
+    config = tqa.DECODE_CONFIG, tqa.DECODE_CONFIG_WIDE
     for cfg in SUBTILE_CONFIGS:
         tqa.DECODE_CONFIG = tqa.DECODE_CONFIG_WIDE = cfg
-        check_decode(q, kv)
-        t = tt.do_bench_cudagraph(decode, rep=50, return_mode="median")
-        row.append(f"{cfg[0]},{cfg[2]}: {t:.4f} ({base / t:.2f}x {nbytes / (t * 1e-3) / BW * 100:.0f}%)")
-    tqa._SUBTILE_MIN_WORK = min_work
+        row.append(timed(f"sub {cfg[0]},{cfg[2]}"))
+    tqa.DECODE_CONFIG, tqa.DECODE_CONFIG_WIDE = config
+    if b * hkv < 32:
+        row += [timed(f"sub/{ns}", ns) for ns in (32, 64, 128, 256)]
+    tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved
     return " | ".join(row)
 
 

@@ -506,6 +506,7 @@ A._SUBTILE_MIN_WORK = 0  # small shapes: let B * Hkv >= 32 alone select the sub-
 C.use_triton = lambda *t: True
 attn = A._tq_attn_kernel
 A._tq_reduce_kernel = Capture(A._tq_reduce_kernel)
+A._tq_qrot_kernel = Capture(A._tq_qrot_kernel)
 A._tuned_attn_kernel = lambda: Capture(attn, tuned=True)
 A._tq_attn_kernel = Capture(attn)  # the decode sub-tile path launches with a fixed config
 C._tq_compress_kernel = Capture(C._tq_compress_kernel)
@@ -543,7 +544,7 @@ def test_kernels_compile_for_sm90(device):
         pytest.skip(r.stdout.strip()[-300:])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert r.stdout.count("OK _tq_attn_kernel") == 4 and r.stdout.count("OK _tq_compress_kernel") == 4, r.stdout
-    assert r.stdout.count("OK _tq_reduce_kernel") == 4, r.stdout
+    assert r.stdout.count("OK _tq_reduce_kernel") == 4 and r.stdout.count("OK _tq_qrot_kernel") == 4, r.stdout
     # No spills, except in the one-warp sub-tile decode program (the last attention kernel compiled): it keeps
     # 8 query sub-tiles, 8 accumulators and two packed tiles in 255 registers, and the compiler spills a few
     # hundred bytes, mostly in its prologue / epilogue (Triton 3.6: 88-160 B, none in the loop at 32-token

@@ -346,31 +346,19 @@ def _tile_coords(W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr, HEAD_DIM: t
 
 
 @triton.jit
-def _rot_q(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, W: tl.constexpr, E: tl.constexpr,
-           NT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, UWP: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """float32 [BLOCK_M, NT * UWP]: (q @ Pi.T) in the column order of _tile_vals (q rows at q_off; padding 0)."""
+def _load_qr(qr_ptr, q_row, rmask, W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr, HEAD_DIM: tl.constexpr,
+             HEAD_DP: tl.constexpr, UWP: tl.constexpr):  # fmt: skip
+    """float32 [BLOCK_M, NT * UWP]: rows q_row of the rotated query buffer in the column order of _tile_vals."""
     c, cm = _tile_coords(W, E, NT, HEAD_DIM, UWP)
-    acc = tl.zeros([BLOCK_M, NT * UWP], dtype=tl.float32)
-    for kc in tl.static_range(HEAD_DP // BLOCK_K):
-        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        km = k < HEAD_DIM
-        qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
-        pit = tl.load(pi_ptr + (c * stride_pr)[None, :] + (k * stride_pc)[:, None], mask=km[:, None] & cm[None, :],
-                      other=0.0)  # fmt: skip
-        acc = tl.dot(qc, pit, acc, input_precision=PREC)
-    return acc
+    return tl.load(qr_ptr + q_row[:, None] * HEAD_DP + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
 
 
 @triton.jit
-def _unrot(o, acc, pi_ptr, stride_pr, stride_pc, cols, cmask, W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr,
-           HEAD_DIM: tl.constexpr, UWP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """o + acc @ Pi[coords, cols]: a rotated-space accumulator (column order of _tile_vals) back to columns cols."""
+def _store_rot(ws_ptr, w_lin, rmask, acc, W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, UWP: tl.constexpr):  # fmt: skip
+    """Store a rotated-space accumulator (column order of _tile_vals) at its coordinates of workspace rows w_lin."""
     c, cm = _tile_coords(W, E, NT, HEAD_DIM, UWP)
-    pi = tl.load(pi_ptr + (c * stride_pr)[:, None] + (cols * stride_pc)[None, :], mask=cm[:, None] & cmask[None, :],
-                 other=0.0)  # fmt: skip
-    return tl.dot(acc, pi, o, input_precision=PREC)
+    tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + c[None, :], acc, mask=rmask[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -382,36 +370,24 @@ def _sub_coords(T: tl.constexpr, W: tl.constexpr, E: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
-def _rot_q_subs(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, scale, cdt: tl.constexpr,
-                W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
-                UWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Tuple of NT tiles [BLOCK_M, UWP] in cdt: scale * (q @ Pi[coords of sub-tile T].T) (padding columns 0)."""
+def _load_qr_subs(qr_ptr, q_row, rmask, cdt: tl.constexpr, W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, UWP: tl.constexpr):  # fmt: skip
+    """Tuple of NT tiles [BLOCK_M, UWP] in cdt: the rotated query's columns of sub-tile T (padding columns 0)."""
     out = ()
     for T in tl.static_range(NT):
         c, cm = _sub_coords(T, W, E, HEAD_DIM, UWP)
-        acc = tl.zeros([BLOCK_M, UWP], dtype=tl.float32)
-        for kc in tl.static_range(HEAD_DP // BLOCK_K):
-            k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-            km = k < HEAD_DIM
-            qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
-                         other=0.0).to(tl.float32)  # fmt: skip
-            pit = tl.load(pi_ptr + (c * stride_pr)[None, :] + (k * stride_pc)[:, None],
-                          mask=km[:, None] & cm[None, :], other=0.0)  # fmt: skip
-            acc = tl.dot(qc, pit, acc, input_precision=PREC)
-        out = out + ((acc * scale).to(cdt),)
+        qt = tl.load(qr_ptr + q_row[:, None] * HEAD_DP + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        out = out + (qt.to(cdt),)
     return out
 
 
 @triton.jit
-def _unrot_subs(o, accs, pi_ptr, stride_pr, stride_pc, cols, cmask, W: tl.constexpr, E: tl.constexpr,
-                NT: tl.constexpr, HEAD_DIM: tl.constexpr, UWP: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """o + sum_T accs[T] @ Pi[coords of sub-tile T, cols]."""
+def _store_rot_subs(ws_ptr, w_lin, rmask, accs, W: tl.constexpr, E: tl.constexpr, NT: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, UWP: tl.constexpr):  # fmt: skip
+    """Store the NT rotated-space sub-tile accumulators at their coordinates of workspace rows w_lin."""
     for T in tl.static_range(NT):
         c, cm = _sub_coords(T, W, E, HEAD_DIM, UWP)
-        pi = tl.load(pi_ptr + (c * stride_pr)[:, None] + (cols * stride_pc)[None, :],
-                     mask=cm[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-        o = tl.dot(accs[T], pi, o, input_precision=PREC)
-    return o
+        tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + c[None, :], accs[T], mask=rmask[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -475,18 +451,16 @@ def _online_softmax_step(sc, m_i, l_i):
 
 @triton.jit
 def _comp_subtiles(
-    q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, km_ptr, stride_kmb, stride_kmh, stride_kmd,
-    vm_ptr, stride_vmb, stride_vmh, stride_vmd, kp_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpd,
+    qr_ptr, qm_ptr, q_row, rmask, kp_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpd,
     kn_ptr, stride_knb, stride_knh, stride_knn, vp_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpd,
     vn_ptr, stride_vnb, stride_vnh, stride_vnn, kc_ptr, vc_ptr, bt_ptr, stride_btb, stride_btn,
-    mask_ptr, stride_mk, m_row, ws_ptr, w_lin, wm_ptr, wl_ptr, b, kvh, s, start, end, nc, se_len, SQ, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
+    mask_ptr, stride_mk, m_row, ws_ptr, w_lin, b, kvh, s, start, end, nc, se_len, SQ,
+    HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
     K_BITS: tl.constexpr, K_W: tl.constexpr, K_E: tl.constexpr, K_NT: tl.constexpr, K_UWP: tl.constexpr,
     V_BITS: tl.constexpr, V_W: tl.constexpr, V_E: tl.constexpr, V_NT: tl.constexpr, V_UWP: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
     K_GATHER: tl.constexpr, V_GATHER: tl.constexpr, K_TAB: tl.constexpr, V_TAB: tl.constexpr,
-    DOT_PREC: tl.constexpr, ROT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Compressed tokens [start, end) of one split, sub-tile by sub-tile (the decode path, one warp).
 
@@ -495,23 +469,14 @@ def _comp_subtiles(
     rotated-space accumulators, one per sub-tile. Every operand of those dots is an elementwise function of
     the packed units (shift, then the table shuffle of GATHER 2), so the compiler converts the packed units to
     the MMA operand layout (4 bytes per 8 or 16 codes) instead of the 16-bit values, and no tile is joined.
-    Writes the partial output (original space) to the workspace; returns (m_i, l_i).
+    Writes the unnormalised rotated-space partial output to the workspace; returns (m_i, l_i).
     """
-    cdt = q_ptr.dtype.element_ty
+    cdt = kc_ptr.dtype.element_ty  # the codebooks are in the compute dtype (= query dtype)
     nn = tl.arange(0, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    qkm = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for kc in tl.static_range(HEAD_DP // BLOCK_K):  # <q, k_mean> by column blocks (few registers: one warp)
-        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        km = k < HEAD_DIM
-        qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
-        kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + k * stride_kmd, mask=km, other=0.0)
-        qkm += tl.sum(qc * kmv[None, :], axis=1)
-    qkm = qkm * qk_scale
-    qr = _rot_q_subs(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, qk_scale, cdt, K_W, K_E, K_NT,
-                     HEAD_DIM, HEAD_DP, K_UWP, BLOCK_M, BLOCK_K, ROT_PREC)  # fmt: skip
+    qkm = tl.load(qm_ptr + q_row, mask=rmask, other=0.0)
+    qr = _load_qr_subs(qr_ptr, q_row, rmask, cdt, K_W, K_E, K_NT, HEAD_DIM, HEAD_DP, K_UWP)
     accs = ()
     for _T in tl.static_range(V_NT):
         accs = accs + (tl.zeros([BLOCK_M, V_UWP], dtype=tl.float32),)
@@ -547,22 +512,14 @@ def _comp_subtiles(
             vt = _sub_vals(v8, v4, v2, v1, vbase, vlane, T, V_BITS, V_W, V_E, HEAD_DIM, V_UWP, cdt, V_GATHER, V_TAB)
             new = new + (tl.dot(pv, vt, accs[T] * alpha[:, None], input_precision=DOT_PREC),)
         accs = new
-    for cb in tl.static_range(HEAD_DP // BLOCK_C):
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cols < HEAD_DIM
-        vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + cols * stride_vmd, mask=cmask, other=0.0)
-        o = l_i[:, None] * vmv[None, :]
-        o = _unrot_subs(o, accs, pi_ptr, stride_pr, stride_pc, cols, cmask, V_W, V_E, V_NT, HEAD_DIM, V_UWP, ROT_PREC)
-        tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + cols[None, :], o, mask=rmask[:, None])
+    _store_rot_subs(ws_ptr, w_lin, rmask, accs, V_W, V_E, V_NT, HEAD_DIM, HEAD_DP, V_UWP)
     return m_i, l_i
 
 
 @triton.jit(do_not_specialize=["n_comp", "se_len", "chunk", "NS_C", "NS"])  # change with the length: one binary
 def _tq_attn_kernel(
     q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
-    pi_ptr, stride_pr, stride_pc,
-    km_ptr, stride_kmb, stride_kmh, stride_kmd,
-    vm_ptr, stride_vmb, stride_vmh, stride_vmd,
+    qr_ptr, qm_ptr,
     kp_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpd,
     kn_ptr, stride_knb, stride_knh, stride_knn,
     vp_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpd,
@@ -581,8 +538,7 @@ def _tq_attn_kernel(
     CAUSAL: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
     K_GATHER: tl.constexpr, V_GATHER: tl.constexpr, SUBTILE: tl.constexpr, K_TAB: tl.constexpr,
     V_TAB: tl.constexpr,
-    DOT_PREC: tl.constexpr, ROT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """Split-KV attention over compressed tokens (splits < NS_C) or the exact segment (splits >= NS_C).
 
@@ -630,6 +586,7 @@ def _tq_attn_kernel(
     else:
         m_row = q_off  # unused
     w_lin = (bh.to(tl.int64) * NS + split) * MP + rows
+    q_row = bh.to(tl.int64) * MP + rows  # row of the rotated query buffer
     n_rows = tl.num_programs(2).to(tl.int64) * NS * MP
     wm_ptr = ws_ptr + n_rows * HEAD_DP
     wl_ptr = wm_ptr + n_rows
@@ -646,23 +603,17 @@ def _tq_attn_kernel(
             end = tl.minimum(end, s_max + nc + se_len - SQ + 1)
         if SUBTILE:
             m_i, l_i = _comp_subtiles(
-                q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, km_ptr, stride_kmb, stride_kmh,
-                stride_kmd, vm_ptr, stride_vmb, stride_vmh, stride_vmd, kp_ptr, stride_kpb, stride_kph, stride_kpn,
-                stride_kpd, kn_ptr, stride_knb, stride_knh, stride_knn, vp_ptr, stride_vpb, stride_vph, stride_vpn,
-                stride_vpd, vn_ptr, stride_vnb, stride_vnh, stride_vnn, kc_ptr, vc_ptr, bt_ptr, stride_btb,
-                stride_btn, mask_ptr, stride_mk, m_row, ws_ptr, w_lin, wm_ptr, wl_ptr, b, kvh, s, start, end, nc,
-                se_len, SQ, qk_scale, GROUP, HEAD_DIM, HEAD_DP, K_BITS, K_W, K_E, K_NT, K_UWP, V_BITS, V_W, V_E, V_NT,
-                V_UWP, PAGED, PAGE_SIZE, CAUSAL_COMP, MASK_MODE, K_GATHER, V_GATHER, K_TAB, V_TAB, DOT_PREC,
-                ROT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_C,
+                qr_ptr, qm_ptr, q_row, rmask, kp_ptr, stride_kpb, stride_kph, stride_kpn, stride_kpd, kn_ptr,
+                stride_knb, stride_knh, stride_knn, vp_ptr, stride_vpb, stride_vph, stride_vpn, stride_vpd, vn_ptr,
+                stride_vnb, stride_vnh, stride_vnn, kc_ptr, vc_ptr, bt_ptr, stride_btb, stride_btn, mask_ptr,
+                stride_mk, m_row, ws_ptr, w_lin, b, kvh, s, start, end, nc, se_len, SQ, HEAD_DIM, HEAD_DP, K_BITS,
+                K_W, K_E, K_NT, K_UWP, V_BITS, V_W, V_E, V_NT, V_UWP, PAGED, PAGE_SIZE, CAUSAL_COMP, MASK_MODE,
+                K_GATHER, V_GATHER, K_TAB, V_TAB, DOT_PREC, BLOCK_M, BLOCK_N,
             )  # fmt: skip
         else:
-            # prologue: <q, k_mean> and the rotated query sub-tiles, pre-scaled by scale * log2(e)
-            q32 = tl.load(q_ptr + q_off[:, None] + (d * stride_qd)[None, :], mask=rmask[:, None] & dmask[None, :],
-                          other=0.0).to(tl.float32)  # fmt: skip
-            kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + d * stride_kmd, mask=dmask, other=0.0)
-            qkm = tl.sum(q32 * kmv[None, :], axis=1) * qk_scale
-            qr = (_rot_q(q_ptr, q_off, rmask, stride_qd, pi_ptr, stride_pr, stride_pc, K_W, K_E, K_NT, HEAD_DIM,
-                         HEAD_DP, K_UWP, BLOCK_M, BLOCK_K, ROT_PREC) * qk_scale).to(cdt)  # fmt: skip
+            # the rotated query (pre-scaled by scale * log2(e)) and <q, k_mean>, from _tq_qrot_kernel
+            qkm = tl.load(qm_ptr + q_row, mask=rmask, other=0.0)
+            qr = _load_qr(qr_ptr, q_row, rmask, K_W, K_E, K_NT, HEAD_DIM, HEAD_DP, K_UWP).to(cdt)
             acc_r = tl.zeros([BLOCK_M, V_NT * V_UWP], dtype=tl.float32)  # rotated space, _tile_vals column order
             kbase = kc_ptr.to(tl.int64)
             vbase = vc_ptr.to(tl.int64)
@@ -717,16 +668,7 @@ def _tq_attn_kernel(
                 v8, v4, v2, v1 = v8x, v4x, v2x, v1x
                 kn = knx
                 vn = vnx
-            # epilogue: back to the original space, o = acc_rot @ Pi + l * v_mean, by column blocks
-            for cb in tl.static_range(HEAD_DP // BLOCK_C):
-                cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-                cmask = cols < HEAD_DIM
-                vmv = tl.load(vm_ptr + b * stride_vmb + kvh * stride_vmh + cols * stride_vmd, mask=cmask, other=0.0)
-                o = l_i[:, None] * vmv[None, :]
-                o = _unrot(
-                    o, acc_r, pi_ptr, stride_pr, stride_pc, cols, cmask, V_W, V_E, V_NT, HEAD_DIM, V_UWP, ROT_PREC
-                )
-                tl.store(ws_ptr + w_lin[:, None] * HEAD_DP + cols[None, :], o, mask=rmask[:, None])
+            _store_rot(ws_ptr, w_lin, rmask, acc_r, V_W, V_E, V_NT, HEAD_DIM, HEAD_DP, V_UWP)
     else:
         start = (split - NS_C) * chunk
         end = tl.minimum(start + chunk, se_len)
@@ -757,20 +699,73 @@ def _tq_attn_kernel(
     tl.store(wl_ptr + w_lin, l_i, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["BH", "NS"])
+@triton.jit
+def _tq_qrot_kernel(
+    q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+    pi_ptr, stride_pr, stride_pc,
+    km_ptr, stride_kmb, stride_kmh, stride_kmd,
+    qr_ptr, qm_ptr,
+    HKV, SQ, M_TOTAL, MP, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The query in the rotated space, once per call: qr = qk_scale * q @ Pi.T and qm = qk_scale * <q, k_mean>.
+
+    q   [B, Hq, Sq, D]  query dtype   strides (stride_qb, stride_qh, stride_qs, stride_qd)
+    pi  [D, D]          float32       strides (stride_pr, stride_pc)
+    km  [B or 1, Hkv, D] float32      strides (stride_kmb (0 to broadcast), stride_kmh, stride_kmd)
+    qr  float32 [B * Hkv, MP, HEAD_DP] contiguous (row r = g * Sq + s of kv head bh; padding columns 0)
+    qm  float32 [B * Hkv, MP] contiguous. Rows >= M_TOTAL are not written.
+    Grid (cdiv(M_TOTAL, BLOCK_M), HEAD_DP // BLOCK_C, B * Hkv); column block 0 also writes qm.
+    """
+    bh = tl.program_id(2)
+    b = bh // HKV
+    kvh = bh % HKV
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M_TOTAL
+    h = kvh * GROUP + rows // SQ
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + (rows % SQ).to(tl.int64) * stride_qs
+    q_row = bh.to(tl.int64) * MP + rows
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < HEAD_DIM
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    qkm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for kc in tl.static_range(HEAD_DP // BLOCK_K):
+        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = k < HEAD_DIM
+        qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        pit = tl.load(pi_ptr + (cols * stride_pr)[None, :] + (k * stride_pc)[:, None],
+                      mask=km[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(qc, pit, acc, input_precision=PREC)
+        kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + k * stride_kmd, mask=km, other=0.0)
+        qkm += tl.sum(qc * kmv[None, :], axis=1)
+    tl.store(qr_ptr + q_row[:, None] * HEAD_DP + cols[None, :], acc * qk_scale, mask=rmask[:, None])
+    if tl.program_id(1) == 0:
+        tl.store(qm_ptr + q_row, qkm * qk_scale, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["BH", "NS_C", "NS"])
 def _tq_reduce_kernel(
     ws_ptr,
     o_ptr, stride_ob, stride_os, stride_oh, stride_od,
-    BH, HKV, SQ, M_TOTAL, MP, NS,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_R: tl.constexpr,
-    NS_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+    pi_ptr, stride_pr, stride_pc,
+    vm_ptr, stride_vmb, stride_vmh, stride_vmd,
+    BH, HKV, SQ, M_TOTAL, MP, NS_C, NS,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    NS_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Merge the split partials of BLOCK_R output rows, columns of block program_id(1); normalise; store.
+    """Merge the split partials of BLOCK_R output rows, rotate the compressed part back, normalise, store the
+    columns of block program_id(1).
 
-    ws  float32 workspace of _tq_attn_kernel (acc [BH, NS, MP, HEAD_DP], then m and l [BH, NS, MP])
+    ws  float32 workspace of _tq_attn_kernel (acc [BH, NS, MP, HEAD_DP], then m and l [BH, NS, MP]); splits
+        < NS_C hold rotated-space partials of compressed tokens, the others original-space partials of exact ones
+    pi  [D, D] float32; vm [B or 1, Hkv, D] float32 (value mean, stride_vmb 0 to broadcast)
     o   [B, Sq, Hq, D]   query dtype   strides (stride_ob, stride_os, stride_oh, stride_od)
-    Output row i (of BH * M_TOTAL) is row r = i % M_TOTAL of kv head bh = i // M_TOTAL. All NS_BLOCK splits
-    of a row are loaded at once (a serial chain of loads per split would be latency bound).
+    o = (sum_c w_c acc_c @ Pi + (sum_c w_c l_c) v_mean + sum_e w_e acc_e) / sum_s w_s l_s, w_s = 2^(m_s - max m).
+    Output row i (of BH * M_TOTAL) is row r = i % M_TOTAL of kv head bh = i // M_TOTAL. NS_BLOCK splits of a
+    row are loaded at once (a serial chain of loads per split would be latency bound); the rotated partials
+    are merged BLOCK_K coordinates at a time and multiplied by the rows of Pi they meet.
     Grid (cdiv(BH * M_TOTAL, BLOCK_R), cdiv(HEAD_DIM, BLOCK_C)).
     """
     i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -778,7 +773,8 @@ def _tq_reduce_kernel(
     bh = i // M_TOTAL
     r = i % M_TOTAL
     b = bh // HKV
-    h = (bh % HKV) * GROUP + r // SQ
+    kvh = bh % HKV
+    h = kvh * GROUP + r // SQ
     s = r % SQ
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HEAD_DIM
@@ -795,19 +791,51 @@ def _tq_reduce_kernel(
         m_all = tl.maximum(m_all, tl.load(wm_ptr + lin, mask=smask, other=float("-inf")))
     m_max = tl.max(m_all, axis=1)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    # compressed splits: l, then the rotated partials BLOCK_K coordinates at a time, times Pi[those, c]
     l_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
-    o_acc = tl.zeros([BLOCK_R, NS_BLOCK, BLOCK_C], dtype=tl.float32)
-    for s0 in range(0, NS, NS_BLOCK):
+    for s0 in range(0, NS_C, NS_BLOCK):
+        lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
+        smask = imask[:, None] & ((s0 + sp) < NS_C)[None, :]
+        w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
+        l_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
+    l_comp = tl.sum(l_acc, axis=1)
+    vmv = tl.load(vm_ptr + b[:, None] * stride_vmb + kvh[:, None] * stride_vmh + (c * stride_vmd)[None, :],
+                  mask=imask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+    o = l_comp[:, None] * vmv
+    for kb in tl.static_range(HEAD_DP // BLOCK_K):
+        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = k < HEAD_DIM
+        r_acc = tl.zeros([BLOCK_R, NS_BLOCK, BLOCK_K], dtype=tl.float32)
+        for s0 in range(0, NS_C, NS_BLOCK):
+            lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
+            smask = imask[:, None] & ((s0 + sp) < NS_C)[None, :]
+            w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
+            a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + k[None, None, :],
+                        mask=smask[:, :, None] & km[None, None, :], other=0.0)  # fmt: skip
+            r_acc += w[:, :, None] * a
+        rk = tl.sum(r_acc, axis=1)
+        pi = tl.load(pi_ptr + (k * stride_pr)[:, None] + (c * stride_pc)[None, :], mask=km[:, None] & cmask[None, :],
+                     other=0.0)  # fmt: skip
+        if BLOCK_R >= 16:
+            o = tl.dot(rk, pi, o, input_precision=PREC)
+        else:
+            o += tl.sum(rk[:, :, None] * pi[None, :, :], axis=1)
+
+    # exact splits: original space
+    le_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
+    x_acc = tl.zeros([BLOCK_R, NS_BLOCK, BLOCK_C], dtype=tl.float32)
+    for s0 in range(NS_C, NS, NS_BLOCK):
         lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
         smask = imask[:, None] & ((s0 + sp) < NS)[None, :]
         w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
-        l_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
+        le_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
         a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + c[None, None, :],
                     mask=smask[:, :, None] & cmask[None, None, :], other=0.0)  # fmt: skip
-        o_acc += w[:, :, None] * a
-    l_all = tl.sum(l_acc, axis=1)
+        x_acc += w[:, :, None] * a
+    l_all = l_comp + tl.sum(le_acc, axis=1)
     inv = tl.where(l_all > 0.0, 1.0 / tl.where(l_all > 0.0, l_all, 1.0), 0.0)
-    o = tl.sum(o_acc, axis=1) * inv[:, None]
+    o = (o + tl.sum(x_acc, axis=1)) * inv[:, None]
     o_row = b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
     tl.store(o_ptr + o_row[:, None] + (c * stride_od)[None, :], o.to(o_ptr.dtype.element_ty),
              mask=imask[:, None] & cmask[None, :])  # fmt: skip
@@ -1036,9 +1064,10 @@ DECODE_CONFIG = (64, 1, 3)  # (BLOCK_N, num_warps, num_stages) of the sub-tile p
 DECODE_CONFIG_WIDE = (64, 1, 2)  # the same for head_dim 256 (3 stages spill)
 DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice)
 _SUBTILE_MIN_WORK = 1 << 21  # compressed token-heads (B * Hkv * tokens) from which the sub-tile path is faster
+_SUBTILE_MIN_HEADS = 32  # and B * Hkv from which it is
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
-_SPLIT_OVERHEAD = 3  # fixed cost of one program (Pi twice from L2, ramp-up), in units of _MIN_CHUNK tokens
+_SPLIT_OVERHEAD = 1  # fixed cost of one program (its query rows, partials, ramp-up), in units of _MIN_CHUNK tokens
 _MAX_SPLITS = 128
 _CODEBOOKS: dict = {}  # (kind, id(codecs), dtype) -> (codecs, value): see _per_codecs
 _CODEBOOKS_MAX = 512
@@ -1155,11 +1184,8 @@ def _shape_plan(hq: int, sq: int, d: int, hkv: int, dtype: torch.dtype, interp: 
         block_m, m_blocks = single_max, _cdiv(rows, single_max)
     # float32 queries: 3xTF32 (float32-level accuracy on tensor cores; "ieee" FMA dots spill on sm_90).
     prec = "tf32x3" if dtype == torch.float32 else "tf32"
-    meta = dict(
-        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, DOT_PREC=prec, ROT_PREC=prec, BLOCK_M=block_m,
-        BLOCK_K=hdp if interp else min(32, hdp), BLOCK_C=hdp if interp else min(64, hdp),
-    )  # fmt: skip
-    return group, rows, hdp, block_m, m_blocks, block_m * m_blocks, meta
+    meta = dict(GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, DOT_PREC=prec, BLOCK_M=block_m)
+    return group, rows, hdp, block_m, m_blocks, block_m * m_blocks, prec, meta
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1199,15 +1225,30 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
 
 
 @functools.lru_cache(maxsize=256)
-def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, NS_BLOCK, BLOCK_C) of the reduction: all splits of a row in one load, ~4K elements a program
-    (interpreter: few big programs)."""
+def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_R, NS_BLOCK, BLOCK_K, BLOCK_C) of the reduction: all splits of a row in one load, merge tiles of
+    ~4K elements (interpreter: few big programs)."""
     ns_block = min(next_pow2(ns), 64)
     if interp:
-        return min(next_pow2(out_rows), max(1, (1 << 16) // (ns_block * hdp))), ns_block, hdp
+        return min(next_pow2(out_rows), max(1, (1 << 14) // (ns_block * hdp))), ns_block, hdp, hdp
     block_c = min(hdp, 64)
+    block_k = min(hdp, 32)
     by_rows = 1 << (max(1, out_rows // 256).bit_length() - 1)  # keep >= ~256 programs where there are rows
-    return max(1, min(4096 // (ns_block * block_c), by_rows)), ns_block, block_c
+    block_r = max(1, min(4096 // (ns_block * block_k), by_rows))
+    # 16 rows: the back-rotation is a tl.dot; fewer: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C], kept small
+    block_r = 16 if block_r >= 16 else min(block_r, 4096 // (block_k * block_c))
+    return block_r, ns_block, block_k, block_c
+
+
+def _use_subtile(block_m: int, dtype: torch.dtype, bh: int, max_tokens: int, interp: bool) -> bool:
+    """The sub-tile path for decode-sized row blocks in 16-bit (float32 and bigger row blocks spill with one warp;
+    the interpreter takes it for float32 too, so that the CPU tests cover it) with enough work to hide one warp's
+    latency (_SUBTILE_MIN_WORK compressed token-heads, B * Hkv >= _SUBTILE_MIN_HEADS; measured on the H100)."""
+    if not SUBTILE_DECODE or block_m > 16:
+        return False
+    if interp:
+        return True
+    return dtype != torch.float32 and bh * max_tokens >= _SUBTILE_MIN_WORK and bh >= _SUBTILE_MIN_HEADS
 
 
 def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens, max_tokens,
@@ -1218,7 +1259,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     lay = codecs.layout
     dev = query.device
     interp = interpreting()
-    group, rows, hdp, block_m, m_blocks, mp, meta = _shape_plan(hq, sq, d, hkv, query.dtype, interp)
+    group, rows, hdp, block_m, m_blocks, mp, prec, meta = _shape_plan(hq, sq, d, hkv, query.dtype, interp)
     k_w, k_e, k_uwp = _geometry(lay.k_bits, d, _max_unit(kp))
     v_w, v_e, v_uwp = _geometry(lay.v_bits, d, _max_unit(vp))
     if out is None:
@@ -1226,17 +1267,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     if bsz == 0 or hq == 0 or sq == 0:
         return out
     bh = bsz * hkv
-    # sub-tile path: decode-sized row blocks in 16-bit (float32 and bigger row blocks spill with one warp); the
-    # interpreter takes it for float32 too, so that the CPU tests cover it
-    # and (GPU) enough work to hide one warp's instruction latency: measured on the H100, the joined path is
-    # faster below ~2M compressed token-heads (1 x 8 heads x 128K; 16 x 8 x 4K) and the sub-tile path above
-    subtile = (
-        SUBTILE_DECODE
-        and block_m <= 16
-        and (
-            interp or (query.dtype != torch.float32 and bsz * hkv * max_tokens >= _SUBTILE_MIN_WORK and bsz * hkv >= 32)
-        )
-    )
+    subtile = _use_subtile(block_m, query.dtype, bh, max_tokens, interp)
     resident = _DECODE_RESIDENT if subtile and not interp else 2
     chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m, resident)
     ns = ns_c + ns_e
@@ -1244,10 +1275,21 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         raise ValueError(f"B * Hkv ({bh}) and the KV split count ({ns}) must be <= {_MAX_GRID_YZ} (CUDA grid limit)")
     scale = d**-0.5 if scale is None else float(scale)
     kc, vc = _codebooks(codecs, query.dtype)
-    ws = torch.empty(bh * ns * mp * (hdp + 2), device=dev, dtype=torch.float32)
+    # one float32 buffer: the split partials (acc, m, l), then the rotated query and <q, k_mean> (scaled)
+    n_ws = bh * ns * mp * (hdp + 2)
+    ws = torch.empty(n_ws + bh * mp * (hdp + 1), device=dev, dtype=torch.float32)
+    qr = ws[n_ws : n_ws + bh * mp * hdp]
+    qm = ws[n_ws + bh * mp * hdp :]
     pi = codecs.rotation
     kmb = k_mean.stride(0) if k_mean.shape[0] > 1 else 0
     vmb = v_mean.stride(0) if v_mean.shape[0] > 1 else 0
+    q_block = max(16, min(block_m, 64))
+    rot_c = hdp if interp else min(64, hdp)
+    _tq_qrot_kernel[(_cdiv(rows, q_block), hdp // rot_c, bh)](
+        query, *query.stride(), pi, *pi.stride(), k_mean, kmb, k_mean.stride(1), k_mean.stride(2), qr, qm,
+        hkv, sq, rows, mp, scale * _LOG2E, GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_M=q_block,
+        BLOCK_K=hdp if interp else min(32, hdp), BLOCK_C=rot_c, num_warps=4,
+    )  # fmt: skip
     ke = key_exact if key_exact is not None else query
     ve = value_exact if value_exact is not None else query
     if mask is None:
@@ -1263,9 +1305,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         bt, bt_str, sl, page = kn, (0, 0), kn, 1
     args = (
         query, *query.stride(),
-        pi, *pi.stride(),
-        k_mean, kmb, k_mean.stride(1), k_mean.stride(2),
-        v_mean, vmb, v_mean.stride(1), v_mean.stride(2),
+        qr, qm,
         kp, *kp.stride(), kn, *kn.stride(),
         vp, *vp.stride(), vn, *vn.stride(),
         kc, vc,
@@ -1293,7 +1333,6 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         bn, warps, stages = DECODE_CONFIG if hdp <= 128 else DECODE_CONFIG_WIDE
         if lay.k_bits in (3, 5) or lay.v_bits in (3, 5):
             bn = min(bn, 32)  # two-plane codes: more live values per token (measured faster at 32 on the H100)
-        meta = dict(meta, BLOCK_C=min(32, hdp))  # one warp: small epilogue tiles (no spills)
         extra = {} if DECODE_MAXNREG is None else {"maxnreg": DECODE_MAXNREG}
         _tq_attn_kernel[grid](
             *args, **meta, **flags, BLOCK_N=bn, BLOCK_E=16, num_warps=warps, num_stages=stages, **extra
@@ -1302,10 +1341,11 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         _tuned_attn_kernel()[grid](*args, **meta, **flags)
 
     out_rows = bh * rows
-    block_r, ns_block, block_c = _reduce_plan(ns, out_rows, hdp, interp)
+    block_r, ns_block, block_k, block_c = _reduce_plan(ns, out_rows, hdp, interp)
     _tq_reduce_kernel[(_cdiv(out_rows, block_r), _cdiv(d, block_c))](
-        ws, out, *out.stride(), bh, hkv, sq, rows, mp, ns,
-        GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_R=block_r, NS_BLOCK=ns_block, BLOCK_C=block_c, num_warps=4,
+        ws, out, *out.stride(), pi, *pi.stride(), v_mean, vmb, v_mean.stride(1), v_mean.stride(2),
+        bh, hkv, sq, rows, mp, ns_c, ns, GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_R=block_r,
+        NS_BLOCK=ns_block, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
 
