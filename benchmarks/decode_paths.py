@@ -46,7 +46,7 @@ TIME_SHAPES = [  # (B, N, Hkv, D, k_bits, v_bits)
     (16, 32768, 8, 128, 3, 3), (16, 32768, 8, 128, 5, 3), (16, 32768, 32, 128, 4, 4), (16, 32768, 8, 64, 4, 4),
     (16, 32768, 8, 256, 4, 4), (16, 4096, 8, 128, 4, 4),
 ]  # fmt: skip
-SUBTILE_CONFIGS = [(64, 1, 3), (32, 1, 3), (128, 1, 3), (64, 1, 2)]  # (BLOCK_N, num_warps, num_stages)
+SUBTILE_CONFIGS = [(32, 1, 3), (64, 1, 3), (32, 1, 2)]  # (BLOCK_N, num_warps, num_stages)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -149,15 +149,14 @@ def time_shape(b, n, hkv, d, kb, vb) -> str:
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE = _FixedJoined, False
     row.append(timed("joined"))
     if b * hkv < 32:  # few programs: the split count decides
-        row += [timed(f"joined/{ns}", ns) for ns in (16, 32, 64)]
+        row += [timed(f"joined/{ns}", ns) for ns in (32, 64)]
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved[0], True, 0, 0
-    config = tqa.DECODE_CONFIG, tqa.DECODE_CONFIG_WIDE
     for cfg in SUBTILE_CONFIGS:
-        tqa.DECODE_CONFIG = tqa.DECODE_CONFIG_WIDE = cfg
+        tqa.DECODE_CONFIG = cfg
         row.append(timed(f"sub {cfg[0]},{cfg[2]}"))
-    tqa.DECODE_CONFIG, tqa.DECODE_CONFIG_WIDE = config
+    tqa.DECODE_CONFIG = None
     if b * hkv < 32:
-        row += [timed(f"sub/{ns}", ns) for ns in (32, 64, 128, 256)]
+        row += [timed(f"sub/{ns}", ns) for ns in (64, 128, 192)]
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved
     return " | ".join(row)
 

@@ -371,7 +371,7 @@ class GenerateBench:
         return int(free - max(2 * GiB, 0.04 * total))
 
     def estimate(self, variant: str, b: int, c: int, n_layers: int) -> int:
-        t = c + self.warmup + self.steps + 1
+        t = c + self.warmup + self.steps + (self.args.profile or 0) + 1
         act = self.act_base + b * self.spec["vocab_size"] * 8
         exact_layer = b * self.hkv * t * self.d * self.elt * 2
         tq_layer = b * self.hkv * t * self.tq_bytes
@@ -414,7 +414,7 @@ class GenerateBench:
             x.fused_mode = True
         # exact caches alone: one update per layer (DynamicLayer concatenates: chunks would copy quadratically)
         chunk = c if not compressed else max(1, min(c, self.fill_chunk_elems // (b * self.hkv * self.d)))
-        reserve = c + self.warmup + self.steps + 1
+        reserve = c + self.warmup + self.steps + (self.args.profile or 0) + 1
         try:
             for i in range(n_layers):
                 for s in range(0, c, chunk):
@@ -496,7 +496,7 @@ class GenerateBench:
                     cache = DynamicCache(config=cfg)
                 elif variant == "exact_prealloc":
                     cache = DynamicCache(config=cfg)
-                    cap = c + self.warmup + self.steps + 1
+                    cap = c + self.warmup + self.steps + (self.args.profile or 0) + 1
                     cache.layers = [_preallocated_layer(cap) for _ in cache.layers]
                 else:
                     cache = TurboQuantCache(cfg, bits=4)

@@ -792,35 +792,36 @@ def _tq_reduce_kernel(
     m_max = tl.max(m_all, axis=1)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
 
-    # compressed splits: l, then the rotated partials BLOCK_K coordinates at a time, times Pi[those, c]
+    # compressed splits: l and the rotated partials, every BLOCK_K-wide slice of a split block loaded at once
+    # (one round of loads when NS_C <= NS_BLOCK), merged over the splits, then rotated back: times Pi[slice, c]
     l_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
+    rks = ()
+    for _kb in tl.static_range(HEAD_DP // BLOCK_K):
+        rks = rks + (tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),)
     for s0 in range(0, NS_C, NS_BLOCK):
         lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
         smask = imask[:, None] & ((s0 + sp) < NS_C)[None, :]
         w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
         l_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
+        new = ()
+        for kb in tl.static_range(HEAD_DP // BLOCK_K):
+            k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + k[None, None, :],
+                        mask=smask[:, :, None] & (k < HEAD_DIM)[None, None, :], other=0.0)  # fmt: skip
+            new = new + (rks[kb] + tl.sum(w[:, :, None] * a, axis=1),)
+        rks = new
     l_comp = tl.sum(l_acc, axis=1)
     vmv = tl.load(vm_ptr + b[:, None] * stride_vmb + kvh[:, None] * stride_vmh + (c * stride_vmd)[None, :],
                   mask=imask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
     o = l_comp[:, None] * vmv
     for kb in tl.static_range(HEAD_DP // BLOCK_K):
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        km = k < HEAD_DIM
-        r_acc = tl.zeros([BLOCK_R, NS_BLOCK, BLOCK_K], dtype=tl.float32)
-        for s0 in range(0, NS_C, NS_BLOCK):
-            lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
-            smask = imask[:, None] & ((s0 + sp) < NS_C)[None, :]
-            w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
-            a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + k[None, None, :],
-                        mask=smask[:, :, None] & km[None, None, :], other=0.0)  # fmt: skip
-            r_acc += w[:, :, None] * a
-        rk = tl.sum(r_acc, axis=1)
-        pi = tl.load(pi_ptr + (k * stride_pr)[:, None] + (c * stride_pc)[None, :], mask=km[:, None] & cmask[None, :],
-                     other=0.0)  # fmt: skip
+        pi = tl.load(pi_ptr + (k * stride_pr)[:, None] + (c * stride_pc)[None, :],
+                     mask=(k < HEAD_DIM)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
         if BLOCK_R >= 16:
-            o = tl.dot(rk, pi, o, input_precision=PREC)
+            o = tl.dot(rks[kb], pi, o, input_precision=PREC)
         else:
-            o += tl.sum(rk[:, :, None] * pi[None, :, :], axis=1)
+            o += tl.sum(rks[kb][:, :, None] * pi[None, :, :], axis=1)
 
     # exact splits: original space
     le_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
@@ -1060,11 +1061,10 @@ def _paged_reference(query, k_packed, k_norms, v_packed, v_norms, block_table, s
 # interpreter). Module-level so benchmarks can compare the two.
 SHUFFLE_GATHER = True
 SUBTILE_DECODE = True  # decode (<= 16 query rows per program): the sub-tile path with one warp per program
-DECODE_CONFIG = (64, 1, 3)  # (BLOCK_N, num_warps, num_stages) of the sub-tile path on the GPU (head_dim <= 128)
-DECODE_CONFIG_WIDE = (64, 1, 2)  # the same for head_dim 256 (3 stages spill)
-DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice)
-_SUBTILE_MIN_WORK = 1 << 21  # compressed token-heads (B * Hkv * tokens) from which the sub-tile path is faster
-_SUBTILE_MIN_HEADS = 32  # and B * Hkv from which it is
+DECODE_CONFIG: tuple[int, int, int] | None = None  # (BLOCK_N, num_warps, num_stages) override of the sub-tile path
+DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice, measured best)
+_SUBTILE_MIN_WORK = 0  # compressed token-heads (B * Hkv * tokens) from which the sub-tile path is taken
+_SUBTILE_MIN_HEADS = 0  # and B * Hkv (the H100 measurements of 2026-11-25 favour it at every decode shape)
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
 _SPLIT_OVERHEAD = 1  # fixed cost of one program (its query rows, partials, ramp-up), in units of _MIN_CHUNK tokens
@@ -1225,19 +1225,31 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
 
 
 @functools.lru_cache(maxsize=256)
-def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_R, NS_BLOCK, BLOCK_K, BLOCK_C) of the reduction: all splits of a row in one load, merge tiles of
-    ~4K elements (interpreter: few big programs)."""
-    ns_block = min(next_pow2(ns), 64)
+def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, NS_BLOCK, BLOCK_K, BLOCK_C, num_warps) of the reduction: all splits of a row in one round of
+    loads (up to 128 splits; ~8K elements of partials a program), few programs' worth of serial latency
+    (interpreter: few big programs)."""
+    ns_block = min(next_pow2(ns), 128)
     if interp:
-        return min(next_pow2(out_rows), max(1, (1 << 14) // (ns_block * hdp))), ns_block, hdp, hdp
+        return min(next_pow2(out_rows), max(1, (1 << 14) // (ns_block * hdp))), ns_block, hdp, hdp, 4
     block_c = min(hdp, 64)
     block_k = min(hdp, 32)
     by_rows = 1 << (max(1, out_rows // 256).bit_length() - 1)  # keep >= ~256 programs where there are rows
-    block_r = max(1, min(4096 // (ns_block * block_k), by_rows))
+    block_r = max(1, min(8192 // (ns_block * hdp), by_rows))
     # 16 rows: the back-rotation is a tl.dot; fewer: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C], kept small
     block_r = 16 if block_r >= 16 else min(block_r, 4096 // (block_k * block_c))
-    return block_r, ns_block, block_k, block_c
+    warps = 8 if block_r * ns_block * hdp >= 8192 else 4
+    return block_r, ns_block, block_k, block_c, warps
+
+
+def _decode_config(hdp: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the sub-tile path. Graph-replay medians on the H100 (2026-11-25,
+    TQ4, B = 16 x 32K unless said): 32-token tiles are faster for head_dim 128 with GQA (0.298 vs 0.308 ms;
+    B = 1 x 128K 0.094 vs 0.098), head_dim 256 (0.746 vs 1.19) and two-plane codes (3 / 5 bits); 64-token
+    tiles for head_dim 64 (0.166 vs 0.192) and one query row per kv head (MHA decode: 1.16 vs 1.30)."""
+    if hdp <= 64 or rows == 1:
+        return 64, 1, 3
+    return 32, 1, 3
 
 
 def _use_subtile(block_m: int, dtype: torch.dtype, bh: int, max_tokens: int, interp: bool) -> bool:
@@ -1330,9 +1342,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     if interp:
         _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=16, BLOCK_E=16, num_warps=1 if subtile else 4)
     elif subtile:
-        bn, warps, stages = DECODE_CONFIG if hdp <= 128 else DECODE_CONFIG_WIDE
-        if lay.k_bits in (3, 5) or lay.v_bits in (3, 5):
-            bn = min(bn, 32)  # two-plane codes: more live values per token (measured faster at 32 on the H100)
+        bn, warps, stages = DECODE_CONFIG or _decode_config(hdp, rows)
         extra = {} if DECODE_MAXNREG is None else {"maxnreg": DECODE_MAXNREG}
         _tq_attn_kernel[grid](
             *args, **meta, **flags, BLOCK_N=bn, BLOCK_E=16, num_warps=warps, num_stages=stages, **extra
@@ -1341,11 +1351,11 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         _tuned_attn_kernel()[grid](*args, **meta, **flags)
 
     out_rows = bh * rows
-    block_r, ns_block, block_k, block_c = _reduce_plan(ns, out_rows, hdp, interp)
+    block_r, ns_block, block_k, block_c, r_warps = _reduce_plan(ns, out_rows, hdp, interp)
     _tq_reduce_kernel[(_cdiv(out_rows, block_r), _cdiv(d, block_c))](
         ws, out, *out.stride(), pi, *pi.stride(), v_mean, vmb, v_mean.stride(1), v_mean.stride(2),
         bh, hkv, sq, rows, mp, ns_c, ns, GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_R=block_r,
-        NS_BLOCK=ns_block, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4,
+        NS_BLOCK=ns_block, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=r_warps,
     )  # fmt: skip
     return out
 
