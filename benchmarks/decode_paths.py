@@ -6,7 +6,7 @@ path, the sub-tile path in several tile configs, and SDPA at its best, in the sa
 check: fused decode (dense; exact segment + bool mask + causal; paged with a random block permutation) vs
 PyTorch dequantize + float32 attention, over head_dim 64-256, K/V bits 2-6, fp16 / bf16 / fp32, Sq 1 and 4.
 time: graph-replay medians of the dispatched path ("auto"), the joined-tile path, the sub-tile path in several tile
-configs and, where B * Hkv < 32, at several split counts; % of bandwidth = compressed bytes read / time / 3.0 TB/s.
+configs and, where B * Hkv < 32, at two split counts; % of bandwidth = compressed bytes read / time / 3.0 TB/s.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ TIME_SHAPES = [  # (B, N, Hkv, D, k_bits, v_bits)
     (16, 32768, 8, 128, 3, 3), (16, 32768, 8, 128, 5, 3), (16, 32768, 32, 128, 4, 4), (16, 32768, 8, 64, 4, 4),
     (16, 32768, 8, 256, 4, 4), (16, 4096, 8, 128, 4, 4),
 ]  # fmt: skip
-SUBTILE_CONFIGS = [(32, 1, 3), (64, 1, 3), (32, 1, 2)]  # (BLOCK_N, num_warps, num_stages)
+SUBTILE_CONFIGS = [(32, 1, 3), (64, 1, 3), (32, 1, 2), (32, 1, 4), (16, 1, 4)]  # (BLOCK_N, num_warps, num_stages)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,15 +148,13 @@ def time_shape(b, n, hkv, d, kb, vb) -> str:
     saved = tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE = _FixedJoined, False
     row.append(timed("joined"))
-    if b * hkv < 32:  # few programs: the split count decides
-        row += [timed(f"joined/{ns}", ns) for ns in (32, 64)]
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved[0], True, 0, 0
     for cfg in SUBTILE_CONFIGS:
         tqa.DECODE_CONFIG = cfg
         row.append(timed(f"sub {cfg[0]},{cfg[2]}"))
     tqa.DECODE_CONFIG = None
-    if b * hkv < 32:
-        row += [timed(f"sub/{ns}", ns) for ns in (64, 128, 192)]
+    if b * hkv < 32:  # few programs: the split count decides
+        row += [timed(f"sub/{ns}", ns) for ns in (64, 128)]
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved
     return " | ".join(row)
 

@@ -1246,10 +1246,11 @@ def _decode_config(hdp: int, rows: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the sub-tile path. Graph-replay medians on the H100 (2026-11-25,
     TQ4, B = 16 x 32K unless said): 32-token tiles are faster for head_dim 128 with GQA (0.298 vs 0.308 ms;
     B = 1 x 128K 0.094 vs 0.098), head_dim 256 (0.746 vs 1.19) and two-plane codes (3 / 5 bits); 64-token
-    tiles for head_dim 64 (0.166 vs 0.192) and one query row per kv head (MHA decode: 1.16 vs 1.30)."""
+    tiles for head_dim 64 (0.166 vs 0.192) and one query row per kv head (MHA decode: 1.16 vs 1.30); head_dim
+    256 with 2 stages (0.634 vs 0.738)."""
     if hdp <= 64 or rows == 1:
         return 64, 1, 3
-    return 32, 1, 3
+    return (32, 1, 2) if hdp > 128 else (32, 1, 3)
 
 
 def _use_subtile(block_m: int, dtype: torch.dtype, bh: int, max_tokens: int, interp: bool) -> bool:
