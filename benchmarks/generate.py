@@ -371,7 +371,7 @@ class GenerateBench:
         return int(free - max(2 * GiB, 0.04 * total))
 
     def estimate(self, variant: str, b: int, c: int, n_layers: int) -> int:
-        t = c + self.warmup + self.steps + (self.args.profile or 0) + 1
+        t = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + 1
         act = self.act_base + b * self.spec["vocab_size"] * 8
         exact_layer = b * self.hkv * t * self.d * self.elt * 2
         tq_layer = b * self.hkv * t * self.tq_bytes
@@ -414,7 +414,7 @@ class GenerateBench:
             x.fused_mode = True
         # exact caches alone: one update per layer (DynamicLayer concatenates: chunks would copy quadratically)
         chunk = c if not compressed else max(1, min(c, self.fill_chunk_elems // (b * self.hkv * self.d)))
-        reserve = c + self.warmup + self.steps + (self.args.profile or 0) + 1
+        reserve = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + 1
         try:
             for i in range(n_layers):
                 for s in range(0, c, chunk):
@@ -496,7 +496,7 @@ class GenerateBench:
                     cache = DynamicCache(config=cfg)
                 elif variant == "exact_prealloc":
                     cache = DynamicCache(config=cfg)
-                    cap = c + self.warmup + self.steps + (self.args.profile or 0) + 1
+                    cap = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + 1
                     cache.layers = [_preallocated_layer(cap) for _ in cache.layers]
                 else:
                     cache = TurboQuantCache(cfg, bits=4)
@@ -545,35 +545,50 @@ class GenerateBench:
         return row
 
     def profile_steps(self, case: str, cache, tok: torch.Tensor, pos: int) -> int:
-        """--profile N: N more decode steps (after the timed ones) under torch.profiler; writes the operators
-        by self CPU time and by device time to <out-dir>/profile_<case>.txt and prints where the step's wall
-        time goes (host time in Python/ATen/launches vs time the GPU was busy). Returns N."""
+        """--profile N: N more decode steps (after the timed ones) under torch.profiler, then N under cProfile.
+        Writes the operators by self CPU time and by device time, then the Python functions by own time, to
+        <out-dir>/profile_<case>.txt and prints where the step's wall time goes (GPU busy = the kernels' device
+        time, which the host-side time per step exceeds when the step is bound by the host). Returns 2 N."""
         n = self.args.profile or 0
         if not n:
             return 0
+        import cProfile
+        import io
+        import pstats
+
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         self.sync()
         t0 = time.perf_counter()
         with profile(activities=acts) as prof:
-            self.decode(cache, tok, pos, n)
+            tok, _ = self.decode(cache, tok, pos, n)
             self.sync()
         wall = (time.perf_counter() - t0) / n
         ka = prof.key_averages()
-        dev_us = sum(getattr(e, "self_device_time_total", 0) for e in ka) / n
+        # kernels only (an ATen op's self device time repeats its kernels')
+        dev_us = sum(e.self_device_time_total for e in ka if str(getattr(e, "device_type", "")).endswith("CUDA")) / n
         cpu = ka.table(sort_by="self_cpu_time_total", row_limit=30)
         dev = ka.table(sort_by="self_device_time_total", row_limit=30) if len(acts) > 1 else ""
+        self.sync()
+        t0 = time.perf_counter()
+        with cProfile.Profile() as py:
+            self.decode(cache, tok, pos + n, n)
+            self.sync()
+        py_wall = (time.perf_counter() - t0) / n
+        buf = io.StringIO()
+        pstats.Stats(py, stream=buf).sort_stats("tottime").print_stats(40)
         path = Path(self.args.out_dir) / f"profile_{case.replace(':', '_')}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
-            f"{case}: {n} decode steps under the profiler\n\nby self CPU time\n{cpu}\n\nby device time\n{dev}\n"
+            f"{case}: {n} decode steps under the profiler\n\nby self CPU time\n{cpu}\n\nby device time\n{dev}\n\n"
+            f"{n} decode steps under cProfile ({1e3 * py_wall:.2f} ms per step), by own time\n{buf.getvalue()}\n"
         )
         self.progress.write(
-            f"[{case}] profile: {1e3 * wall:.2f} ms per step under the profiler, GPU busy {dev_us / 1e3:.2f} ms "
-            f"per step ({path})"
+            f"[{case}] profile: {1e3 * wall:.2f} ms per step under the profiler, GPU kernels busy "
+            f"{dev_us / 1e3:.2f} ms per step ({path})"
         )
-        return n
+        return 2 * n
 
     def run_case(self, b: int, c: int, variants: list[str]) -> list[dict]:
         """Every selected variant of one (B, context) case, at one layer count that fits all of them."""
@@ -964,7 +979,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="warm-up decode steps (default 3; quick 2; smoke 1)")
     p.add_argument("--layers", type=int, default=None, help="force this many layers for every case")
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after timing, N more decode steps under torch.profiler (tables in the out dir)")  # fmt: skip
+                   help="after timing, N decode steps under torch.profiler, then N under cProfile (out dir)")  # fmt: skip
     p.add_argument("--model-layers", type=int, default=None, help="layers of the model built (default 32; smoke 2)")
     p.add_argument("--check-batch", type=int, default=None, help="batch of the correctness check (default 2)")
     p.add_argument("--check-ctx", type=int, default=None, help="context of the correctness check (default 1024)")
