@@ -979,7 +979,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="warm-up decode steps (default 3; quick 2; smoke 1)")
     p.add_argument("--layers", type=int, default=None, help="force this many layers for every case")
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after timing, N decode steps under torch.profiler, then N under cProfile (out dir)")  # fmt: skip
+                   help="after timing, N steps under torch.profiler, then N under cProfile (out dir)")  # fmt: skip
     p.add_argument("--model-layers", type=int, default=None, help="layers of the model built (default 32; smoke 2)")
     p.add_argument("--check-batch", type=int, default=None, help="batch of the correctness check (default 2)")
     p.add_argument("--check-ctx", type=int, default=None, help="context of the correctness check (default 1024)")
