@@ -18,13 +18,16 @@ Math (docs/LAYOUT.md). With ``q_rot = q @ Pi.T`` the score of compressed key n i
 in the rotated space: ``acc_rot = sum_n p_n v_norm_n centroids_v[vidx_n]``; the compressed part's output
 is ``acc_rot @ Pi + (sum_n p_n) * v_mean``. The exact segment is attended in the original space.
 
-Pipeline: 2 launches for any call, decode included.
+Pipeline: 3 launches for any call, decode included.
+  0. ``_tq_qrot_kernel``   grid (row blocks, column blocks, B*Hkv): ``q_rot = scale * log2(e) * q @ Pi.T`` and
+     ``scale * log2(e) * <q, k_mean>`` once per call (tl.dot, tf32 / 3xTF32 for float32), float32, into the
+     front of the workspace allocation. No split program reads Pi.
   1. ``_tq_attn_kernel``   grid (row blocks, NS_C + NS_E, B*Hkv): flash-decoding. Program (mb, split, bh)
      takes BLOCK_M query rows of the whole GQA group of kv head bh (rows r = g * Sq + s), so every
      compressed tile is read once per group.
      Splits ``< NS_C`` walk a chunk of compressed tokens:
-       prologue: ``q_rot = q @ Pi.T`` (tl.dot on Pi from L2, tf32 / 3xTF32 for float32) and ``<q, k_mean>``,
-       pre-scaled by ``scale * log2(e)``, kept in registers (column order of the K tiles, below).
+       prologue: the rotated query rows and ``<q, k_mean>`` from step 0, gathered into the column order of the
+       K tiles (below) and kept in registers.
        loop: per tile of BLOCK_N tokens, each plane of the packed K (then V) bytes is loaded ONCE, as a
        [BLOCK_N, R_W / E] tile of E-byte units (E = 4 at 4 bits, 2 at 2 / 3 bits for head_dim 128: 16-byte
        vector loads), prefetched one tile ahead by hand so the HBM latency overlaps the compute. The head dim
@@ -39,24 +42,22 @@ Pipeline: 2 launches for any call, decode included.
        columns are a fixed permutation of the coordinates (_tile_coords); q_rot and the back-rotation use the
        same permutation (Pi's rows gathered accordingly), so ONE tl.dot per tile for the scores and one for
        P @ V (norms applied to the [M, N] score tile; P pre-multiplied by the value norms).
-       epilogue: the partial output is rotated back in place (``acc @ Pi``, tf32 / 3xTF32) and
-       ``l * v_mean`` is added, so every split's partial is in the original space.
+       epilogue: the unnormalised partial is stored in the rotated space, each column at its coordinate.
      Splits ``>= NS_C`` walk a chunk of the exact segment in the original space with bottom-right causal
      masking. Every split writes float32 partials (m, l in base 2, unnormalised acc) to one workspace.
      Decode has a second form of the compressed splits, the sub-tile path (``_comp_subtiles``, SUBTILE):
        one warp per program, no joined tile. The scores are sum_T q_rot[:, sub-tile T] . centroids(T)^T
-       (one tl.dot per sub-tile) and the values accumulate into one rotated-space accumulator per sub-tile,
-       rotated back sub-tile by sub-tile in the epilogue. Every dot operand is an elementwise function of
-       the packed units (a shift, then GATHER 2: the warp shuffle inside one unary inline-asm block whose
-       lane table comes from immediates), so the compiler converts the packed units to the MMA operand
-       layout (4 bytes per 8 codes at 4 bits) rather than 16-bit values, and shared memory carries ~1
-       wavefront per token per head instead of ~18. Taken for decode-sized row blocks (<= 16 rows) in
-       16-bit with B * Hkv >= 32 and >= 2M compressed token-heads (``_SUBTILE_MIN_WORK``): with fewer
-       programs one warp each cannot hide its latency and the per-program rotations dominate, and the
-       joined path (4 warps, autotuned) is faster (benchmarks/RESULTS.md).
+       (one tl.dot per sub-tile) and the values accumulate into one rotated-space accumulator per sub-tile.
+       Every dot operand is an elementwise function of the packed units (a shift, then GATHER 2: the warp
+       shuffle inside one unary inline-asm block whose lane table comes from immediates), so the compiler
+       converts the packed units to the MMA operand layout (4 bytes per 8 codes at 4 bits) rather than 16-bit
+       values, and shared memory carries ~1 wavefront per token per head instead of ~18. Taken for every
+       decode-sized row block (<= 16 rows) in 16-bit (``_use_subtile``, tiles from ``_decode_config``;
+       benchmarks/RESULTS.md has the measurements).
   2. ``_tq_reduce_kernel`` grid (row tiles, column blocks): merges the NS partials of each output row with
-     all splits loaded at once (no serial chain of loads), divides by l, writes ``[B, Sq, Hq, D]`` (any
-     strides) in the query dtype. A few microseconds at decode sizes.
+     all splits loaded at once (no serial chain of loads): the compressed splits' rotated partials are merged
+     and multiplied by Pi (``o = R @ Pi + L_c * v_mean``), the exact splits' added in the original space;
+     divides by l, writes ``[B, Sq, Hq, D]`` (any strides) in the query dtype.
   Decode (G * Sq <= 128 rows; 64 for head_dim 256, 32 for float32) uses one row block and splits the KV length over
   programs (``_num_splits``: about 2-3 resident programs per SM, chunk >= 128 tokens). The split count
   comes from host-side numbers only: B*Hkv, the SM count and the token bound (``kv.length``, a host int,
@@ -69,8 +70,8 @@ Bytes read per decode step, per token and per KV head (the roofline's numerator)
   compressed token: ``D * (k_bits + v_bits) / 8 + 8`` (packed K and V indices + two float32 norms);
   head_dim 128: TQ4 136 B, K4/V3 120 B, TQ3 104 B, TQ2 72 B (fp16 K/V: 512 B). The paged variant adds
   ``4 / block_size`` B of block table. Exact token: ``2 * D * itemsize`` B.
-  Per program, independent of the length: q (BLOCK_M*D*itemsize), Pi twice (2*D*D*4 from L2), means
-  (2*D*4), and the float32 partials ((D + 2) * 4 B per row) written once and read once.
+  Per program, independent of the length: the rotated query rows (D * 4 B per row) and the float32 partials
+  ((D + 2) * 4 B per row) written once and read once. Per call: Pi once per row block in steps 0 and 2.
 
 Tiles: BLOCK_M = max(16, next_pow2(G * Sq)) rows (decode) or 128 / 64 / 32 (prefill; 16-bit head_dim
 <= 128 / 256 / float32); BLOCK_N autotuned on GPU (32 / 64 / 128 tokens, 4 / 8 warps, configs that spill on
@@ -543,8 +544,6 @@ def _tq_attn_kernel(
     """Split-KV attention over compressed tokens (splits < NS_C) or the exact segment (splits >= NS_C).
 
     q     [B, Hq, Sq, D]              query dtype   strides (stride_qb, stride_qh, stride_qs, stride_qd)
-    pi    [D, D]                      float32       strides (stride_pr, stride_pc); x_rot = x @ Pi.T
-    km/vm [B or 1, Hkv, D]            float32       strides (stride_*mb (0 to broadcast), stride_*mh, stride_*md)
     kp    dense [B, Hkv, cap, D*kb/8] / paged [num_blocks, Hkv, PAGE_SIZE, D*kb/8]   uint8
           strides (stride_kpb, stride_kph, stride_kpn, stride_kpd)
     kn    dense [B, Hkv, cap] / paged [num_blocks, Hkv, PAGE_SIZE]  float32  strides (stride_knb, stride_knh,
@@ -556,8 +555,10 @@ def _tq_attn_kernel(
     ke/ve [B, Hkv, Se, D]             query dtype   strides (stride_ke*, stride_ve*)   (read when se_len > 0)
     mask  [B, Hq, Sq, Nc + Se] expanded view, uint8 (bool, 1 = attend) or additive float
           strides (stride_mb, stride_mh, stride_mq, stride_mk)         (read when MASK_MODE != 0)
-    ws    float32 workspace, contiguous: acc [B*Hkv, NS, MP, HEAD_DP] (original space, unnormalised), then
-          m [B*Hkv, NS, MP] (running max, base 2), then l [B*Hkv, NS, MP]; rows >= M_TOTAL are not written.
+    qr    float32 [B*Hkv, MP, HEAD_DP] rotated query rows, qm float32 [B*Hkv, MP] (_tq_qrot_kernel), contiguous
+    ws    float32 workspace, contiguous: acc [B*Hkv, NS, MP, HEAD_DP] (unnormalised; splits < NS_C in the rotated
+          space, the others in the original space), then m [B*Hkv, NS, MP] (running max, base 2), then
+          l [B*Hkv, NS, MP]; rows >= M_TOTAL are not written.
     K geometry: widest plane K_W bits, units of K_E bytes, K_NT = K_E * 8 / K_W sub-tiles of
     R_W / K_E columns (padded to K_UWP), sub-tile T holding coordinates K_E * col + T % K_E + (T // K_E) * R_W
     (R_W = D * K_W / 8). V likewise. Grid (row blocks, NS, B * Hkv).
