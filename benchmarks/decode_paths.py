@@ -1,7 +1,7 @@
 """Decode over the compressed cache, path by path: GPU correctness, then CUDA-graph timings of the joined-tile
 path, the sub-tile path in several tile configs, and SDPA at its best, in the same run.
 
-    python benchmarks/decode_paths.py [check | time | all]
+    python benchmarks/decode_paths.py [check | time | all] [comma-separated case indices]
 
 check: fused decode (dense; exact segment + bool mask + causal; paged with a random block permutation) vs
 PyTorch dequantize + float32 attention, over head_dim 64-256, K/V bits 2-6, fp16 / bf16 / fp32, Sq 1 and 4.
@@ -164,11 +164,15 @@ def main() -> int:
     mode = sys.argv[1] if len(sys.argv) > 1 else "all"
     now = datetime.datetime.now(datetime.UTC)
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, now, flush=True)
+    pick = [int(i) for i in sys.argv[2].split(",")] if len(sys.argv) > 2 else None  # e.g. "check 0,2"
     if mode in ("all", "check"):
-        for case in CHECK_CASES:
-            print(check_case(*case), flush=True)
+        for i, case in enumerate(CHECK_CASES):
+            if pick is None or i in pick:
+                print(check_case(*case), flush=True)
     if mode in ("all", "time"):
-        for shape in TIME_SHAPES:
+        for i, shape in enumerate(TIME_SHAPES):
+            if pick is not None and i not in pick:
+                continue
             print(time_shape(*shape), flush=True)
     return 0
 

@@ -706,7 +706,7 @@ def _tq_qrot_kernel(
     pi_ptr, stride_pr, stride_pc,
     km_ptr, stride_kmb, stride_kmh, stride_kmd,
     qr_ptr, qm_ptr,
-    HKV, SQ, M_TOTAL, MP, qk_scale,
+    BH, HKV, SQ, M_TOTAL, MP, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -716,17 +716,21 @@ def _tq_qrot_kernel(
     pi  [D, D]          float32       strides (stride_pr, stride_pc)
     km  [B or 1, Hkv, D] float32      strides (stride_kmb (0 to broadcast), stride_kmh, stride_kmd)
     qr  float32 [B * Hkv, MP, HEAD_DP] contiguous (row r = g * Sq + s of kv head bh; padding columns 0)
-    qm  float32 [B * Hkv, MP] contiguous. Rows >= M_TOTAL are not written.
-    Grid (cdiv(M_TOTAL, BLOCK_M), HEAD_DP // BLOCK_C, B * Hkv); column block 0 also writes qm.
+    qm  float32 [B * Hkv, MP] contiguous. Rows r >= M_TOTAL are not written.
+    Program i takes BLOCK_M of the BH * M_TOTAL query rows (row j: kv head bh = j // M_TOTAL, r = j % M_TOTAL),
+    across kv heads, so that one load of Pi's columns serves many heads at decode.
+    Grid (cdiv(BH * M_TOTAL, BLOCK_M), HEAD_DP // BLOCK_C); column block 0 also writes qm.
     """
-    bh = tl.program_id(2)
+    j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    jmask = j < BH * M_TOTAL
+    bh = j // M_TOTAL
+    r = j % M_TOTAL
     b = bh // HKV
     kvh = bh % HKV
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M_TOTAL
-    h = kvh * GROUP + rows // SQ
-    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + (rows % SQ).to(tl.int64) * stride_qs
-    q_row = bh.to(tl.int64) * MP + rows
+    h = kvh * GROUP + r // SQ
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + (r % SQ).to(tl.int64) * stride_qs
+    q_row = bh.to(tl.int64) * MP + r
+    km_off = b.to(tl.int64) * stride_kmb + kvh.to(tl.int64) * stride_kmh
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < HEAD_DIM
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -734,16 +738,17 @@ def _tq_qrot_kernel(
     for kc in tl.static_range(HEAD_DP // BLOCK_K):
         k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         km = k < HEAD_DIM
-        qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=rmask[:, None] & km[None, :],
+        qc = tl.load(q_ptr + q_off[:, None] + (k * stride_qd)[None, :], mask=jmask[:, None] & km[None, :],
                      other=0.0).to(tl.float32)  # fmt: skip
         pit = tl.load(pi_ptr + (cols * stride_pr)[None, :] + (k * stride_pc)[:, None],
                       mask=km[:, None] & cmask[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(qc, pit, acc, input_precision=PREC)
-        kmv = tl.load(km_ptr + b * stride_kmb + kvh * stride_kmh + k * stride_kmd, mask=km, other=0.0)
-        qkm += tl.sum(qc * kmv[None, :], axis=1)
-    tl.store(qr_ptr + q_row[:, None] * HEAD_DP + cols[None, :], acc * qk_scale, mask=rmask[:, None])
+        kmv = tl.load(km_ptr + km_off[:, None] + (k * stride_kmd)[None, :], mask=jmask[:, None] & km[None, :],
+                      other=0.0)  # fmt: skip
+        qkm += tl.sum(qc * kmv, axis=1)
+    tl.store(qr_ptr + q_row[:, None] * HEAD_DP + cols[None, :], acc * qk_scale, mask=jmask[:, None])
     if tl.program_id(1) == 0:
-        tl.store(qm_ptr + q_row, qkm * qk_scale, mask=rmask)
+        tl.store(qm_ptr + q_row, qkm * qk_scale, mask=jmask)
 
 
 @triton.jit(do_not_specialize=["BH", "NS_C", "NS"])
@@ -1235,10 +1240,14 @@ def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, i
         return min(next_pow2(out_rows), max(1, (1 << 14) // (ns_block * hdp))), ns_block, hdp, hdp, 4
     block_c = min(hdp, 64)
     block_k = min(hdp, 32)
+    if ns_block <= 16 and (out_rows // 16) * (hdp // block_c) >= 64:
+        # 16 rows a program, the back-rotation one tl.dot: each program reads Pi's columns once for 16 rows
+        # (with fewer rows, every row block re-reads Pi: 512 rows x 8 splits at B = 16 read 16 MB of it)
+        return 16, ns_block, block_k, block_c, 4
     by_rows = 1 << (max(1, out_rows // 256).bit_length() - 1)  # keep >= ~256 programs where there are rows
     block_r = max(1, min(8192 // (ns_block * hdp), by_rows))
-    # 16 rows: the back-rotation is a tl.dot; fewer: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C], kept small
-    block_r = 16 if block_r >= 16 else min(block_r, 4096 // (block_k * block_c))
+    # fewer rows: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C] for the back-rotation, kept small
+    block_r = min(block_r, 4096 // (block_k * block_c))
     warps = 8 if block_r * ns_block * hdp >= 8192 else 4
     return block_r, ns_block, block_k, block_c, warps
 
@@ -1297,11 +1306,11 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     pi = codecs.rotation
     kmb = k_mean.stride(0) if k_mean.shape[0] > 1 else 0
     vmb = v_mean.stride(0) if v_mean.shape[0] > 1 else 0
-    q_block = max(16, min(block_m, 64))
+    q_block = min(max(16, next_pow2(bh * rows)), 64)
     rot_c = hdp if interp else min(64, hdp)
-    _tq_qrot_kernel[(_cdiv(rows, q_block), hdp // rot_c, bh)](
+    _tq_qrot_kernel[(_cdiv(bh * rows, q_block), hdp // rot_c)](
         query, *query.stride(), pi, *pi.stride(), k_mean, kmb, k_mean.stride(1), k_mean.stride(2), qr, qm,
-        hkv, sq, rows, mp, scale * _LOG2E, GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_M=q_block,
+        bh, hkv, sq, rows, mp, scale * _LOG2E, GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_M=q_block,
         BLOCK_K=hdp if interp else min(32, hdp), BLOCK_C=rot_c, num_warps=4,
     )  # fmt: skip
     ke = key_exact if key_exact is not None else query
