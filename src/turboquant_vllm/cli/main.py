@@ -1,4 +1,4 @@
-"""`turboquant-vllm` console script: demo | verify | bench."""
+"""`turboquant-vllm` console script: demo | verify | bench | distortion."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser("bench", help="GPU benchmarks: attention kernels and generate()")
         bench.add_arguments(p)
         p.set_defaults(func=bench.run)
+
+    from . import distortion
+
+    p = sub.add_parser("distortion", help="distortion vs bits against the paper's bounds (CPU)")
+    distortion.add_arguments(p)
+    p.set_defaults(func=distortion.run)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
