@@ -79,8 +79,12 @@ def lloyd_max_codebook(dim: int, bits: int) -> Codebook:
     cw = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])
     cwx = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w * x, 0)])
 
-    # Start from the conditional means of equal-probability cells (close to optimal).
-    edges = torch.searchsorted(cw, torch.linspace(0, 1, levels + 1, dtype=torch.float64)[1:-1])
+    # Start from cells of equal mass under f^(1/3): the point density of an optimal fine quantizer (Panter-Dite).
+    # Equal-probability cells under f itself put too few levels in the tails and need thousands of iterations at
+    # 7-8 bits (they stopped at the cap 1.5x above the optimum); from here every width converges in < 1000.
+    w3 = w.pow(1.0 / 3.0)
+    c3 = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w3, 0)])
+    edges = torch.searchsorted(c3 / c3[-1], torch.linspace(0, 1, levels + 1, dtype=torch.float64)[1:-1])
     cuts = torch.cat([torch.zeros(1, dtype=torch.long), edges, torch.tensor([x.numel()])])
     centroids = _cell_means(cw, cwx, cuts)
     centroids = 0.5 * (centroids - centroids.flip(0))
