@@ -701,6 +701,16 @@ def _tq_attn_kernel(
 
 
 @triton.jit
+def _flat_rows(i, BH, M_TOTAL, HKV, GROUP: tl.constexpr, SQ):
+    """Rows i of the BH * M_TOTAL (kv head, row) pairs: (valid, bh, r, batch, kv head, q head, query position),
+    row r = g * Sq + s of kv head bh being query head kvh * GROUP + g at position s."""
+    bh = i // M_TOTAL
+    r = i % M_TOTAL
+    kvh = bh % HKV
+    return i < BH * M_TOTAL, bh, r, bh // HKV, kvh, kvh * GROUP + r // SQ, r % SQ
+
+
+@triton.jit
 def _tq_qrot_kernel(
     q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     pi_ptr, stride_pr, stride_pc,
@@ -721,14 +731,9 @@ def _tq_qrot_kernel(
     across kv heads, so that one load of Pi's columns serves many heads at decode.
     Grid (cdiv(BH * M_TOTAL, BLOCK_M), HEAD_DP // BLOCK_C); column block 0 also writes qm.
     """
-    j = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    jmask = j < BH * M_TOTAL
-    bh = j // M_TOTAL
-    r = j % M_TOTAL
-    b = bh // HKV
-    kvh = bh % HKV
-    h = kvh * GROUP + r // SQ
-    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + (r % SQ).to(tl.int64) * stride_qs
+    jmask, bh, r, b, kvh, h, s = _flat_rows(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), BH, M_TOTAL, HKV,
+                                            GROUP, SQ)  # fmt: skip
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + s.to(tl.int64) * stride_qs
     q_row = bh.to(tl.int64) * MP + r
     km_off = b.to(tl.int64) * stride_kmb + kvh.to(tl.int64) * stride_kmh
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -774,14 +779,8 @@ def _tq_reduce_kernel(
     are merged BLOCK_K coordinates at a time and multiplied by the rows of Pi they meet.
     Grid (cdiv(BH * M_TOTAL, BLOCK_R), cdiv(HEAD_DIM, BLOCK_C)).
     """
-    i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    imask = i < BH * M_TOTAL
-    bh = i // M_TOTAL
-    r = i % M_TOTAL
-    b = bh // HKV
-    kvh = bh % HKV
-    h = kvh * GROUP + r // SQ
-    s = r % SQ
+    imask, bh, r, b, kvh, h, s = _flat_rows(tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), BH, M_TOTAL, HKV,
+                                            GROUP, SQ)  # fmt: skip
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HEAD_DIM
     sp = tl.arange(0, NS_BLOCK)
