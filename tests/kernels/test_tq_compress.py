@@ -133,6 +133,39 @@ def test_zero_residual_token(device):
     assert torch.equal(pk[:, :, 0], rp[:, :, 0])
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("path", ["triton", "pytorch"])
+def test_device_offsets(device, monkeypatch, per_row, path):
+    """offset as a device tensor ([B]: each row's own position; [1]: shared) writes exactly where a host offset
+    would, row by row, and nothing else."""
+    if path == "pytorch":
+        monkeypatch.setattr(tqc, "use_triton", lambda *t: False)
+    b, h, s, d, cap = 3, 2, 2, 64, 12
+    g = torch.Generator().manual_seed(5)
+    c = _codecs(d, 4, device)
+    x = torch.randn(b, h, s, d, generator=g).to(device)
+    mean = torch.randn(b, h, d, generator=g).to(device)
+    offs = [0, 7, 4] if per_row else [5]
+    pk = torch.full((b, h, cap, d // 2), 0xA5, dtype=torch.uint8, device=device)
+    nr = torch.full((b, h, cap), float("nan"), device=device)
+    tq_compress(x, mean, c.rotation, c.k_boundaries, 4, pk, nr, torch.tensor(offs, dtype=torch.int32, device=device))
+    for i in range(b):
+        o = offs[i] if per_row else offs[0]
+        want_p = torch.full_like(pk[i : i + 1], 0xA5)
+        want_n = torch.full_like(nr[i : i + 1], float("nan"))
+        tq_compress(x[i : i + 1], mean[i : i + 1], c.rotation, c.k_boundaries, 4, want_p, want_n, o)
+        assert torch.equal(pk[i : i + 1], want_p), f"row {i}"
+        torch.testing.assert_close(nr[i : i + 1], want_n, equal_nan=True)
+
+
+def test_device_offset_checks(device):
+    args = _bad_inputs(device)
+    with pytest.raises(ValueError, match="offset tensor must have shape"):
+        tq_compress(*args[:7], torch.zeros(3, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="offset"):
+        tq_compress(*args[:7], torch.zeros(2, device=device))
+
+
 def test_pytorch_path(device, monkeypatch):
     monkeypatch.setattr(tqc, "use_triton", lambda *t: False)
     _run(device, 2, 2, 9, 64, 3, torch.float32)

@@ -124,9 +124,10 @@ def _tq_compress_kernel(
     bnd_ptr,
     pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
     nrm_ptr, stride_nb, stride_nh, stride_nn,
-    H, S, offset,
+    H, S, offset, off_ptr, stride_ob,
     BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DP: tl.constexpr, UP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
+    OFFSET_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """Compress BLOCK_S tokens of one (batch, head).
 
@@ -139,7 +140,9 @@ def _tq_compress_kernel(
     nrm   [B, H, cap]           float32         strides (stride_nb, stride_nh, stride_nn)
     WMIN: the narrowest plane's width; P_C = 8 / WMIN sub-slices of U = HEAD_DIM * WMIN / 8 coordinates (= the
     narrowest plane's bytes; padded to UP).
-    Token s goes to position offset + s. Grid (cdiv(S, BLOCK_S), B * H).
+    off   [B] or [1] int32/int64 (OFFSET_ON_DEVICE)  stride stride_ob (0 to broadcast)
+    Token s goes to position offset + s, where offset is the host int or, with OFFSET_ON_DEVICE, off[b] (read on
+    the device: a CUDA graph replays it with the value of the moment). Grid (cdiv(S, BLOCK_S), B * H).
     """
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
@@ -156,7 +159,10 @@ def _tq_compress_kernel(
     r = tl.where(dmask[None, :], x - mu[None, :], 0.0)
     nrm = tl.sqrt(tl.sum(r * r, axis=1))
     unit = (r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]).to(pi_ptr.dtype.element_ty)
-    pos = offset + s64
+    if OFFSET_ON_DEVICE:
+        pos = tl.load(off_ptr + b * stride_ob).to(tl.int64) + s64
+    else:
+        pos = offset + s64
     tl.store(nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn, nrm, mask=smask)
     out_rows = pk_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + (pos * stride_pn)[:, None]
 
@@ -218,12 +224,17 @@ def tq_compress(
     bits: int,
     out_packed: torch.Tensor,
     out_norms: torch.Tensor,
-    offset: int,
+    offset: int | torch.Tensor,
 ) -> None:
     """Compress x [B, H, S, D] (fp16/bf16/fp32, any strides) into out_packed[:, :, offset:offset+S]
     (uint8 [B, H, cap, D*bits/8], any strides) and out_norms[:, :, offset:offset+S]
     (float32 [B, H, cap]). mean float32 [B, H, D]; rotation float32 [D, D]; boundaries float32
-    [2**bits - 1] (increasing). Same result as core.kvcodec.compress_reference."""
+    [2**bits - 1] (increasing). Same result as core.kvcodec.compress_reference.
+
+    offset: a host int, or an int32 / int64 tensor [B] or [1] on x's device holding each row's write position,
+    read by the kernel (CUDA-graph capturable: nothing is read back to the host). A device offset is not
+    range-checked on the host (that would sync): the caller keeps offset + S <= cap, as CompressedLayer does by
+    reserving capacity first."""
     check_bits(bits)
     check_tensor(x, "x", ndim=4, dtypes=FLOAT_DTYPES)
     dev = x.device
@@ -249,17 +260,30 @@ def tq_compress(
         )
     if tuple(out_norms.shape) != (bsz, heads, cap):
         raise ValueError(f"out_norms must have shape {(bsz, heads, cap)}, got {tuple(out_norms.shape)}")
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-    if offset < 0 or offset + seq > cap:
+    on_device = isinstance(offset, torch.Tensor)
+    if on_device:
+        check_tensor(offset, "offset", ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+        if offset.shape[0] not in (1, bsz):
+            raise ValueError(f"an offset tensor must have shape [{bsz}] or [1], got {tuple(offset.shape)}")
+    elif isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int or an int32/int64 tensor, got {type(offset).__name__}")
+    elif offset < 0 or offset + seq > cap:
         raise ValueError(f"tokens [offset, offset + S) = [{offset}, {offset + seq}) exceed the capacity {cap}")
     if seq == 0 or bsz == 0 or heads == 0:
         return
 
     if not use_triton(x, mean, rotation, out_packed) or d > _MAX_HEAD_DIM:
         packed, norms = compress_reference(x, mean, rotation, boundaries, bits)
-        out_packed[:, :, offset : offset + seq] = packed
-        out_norms[:, :, offset : offset + seq] = norms
+        if not on_device:
+            out_packed[:, :, offset : offset + seq] = packed
+            out_norms[:, :, offset : offset + seq] = norms
+            return
+        pos = offset.to(torch.long).expand(bsz)[:, None] + torch.arange(seq, device=dev)  # [B, S]
+        if bool((pos < 0).any() or (pos >= cap).any()):  # the PyTorch path may check (it syncs anyway)
+            raise ValueError(f"device offsets {offset.tolist()} + {seq} tokens exceed the capacity {cap}")
+        rows = torch.arange(bsz, device=dev)[:, None]
+        out_packed.permute(0, 2, 1, 3)[rows, pos] = packed.permute(0, 2, 1, 3)
+        out_norms.permute(0, 2, 1)[rows, pos] = norms.permute(0, 2, 1)
         return
 
     if bsz * heads > 65535:
@@ -284,7 +308,8 @@ def tq_compress(
         boundaries.contiguous(),
         out_packed, *out_packed.stride(),
         out_norms, *out_norms.stride(),
-        heads, seq, offset,
+        heads, seq, 0 if on_device else offset,
+        offset if on_device else out_norms, (offset.stride(0) if offset.shape[0] > 1 else 0) if on_device else 0,
         BITS=bits, WMIN=wmin, P_C=8 // wmin, U=d * wmin // 8, HEAD_DIM=d, HEAD_DP=hdp, UP=up, BLOCK_S=block_s,
-        DOT_PREC=_DOT_PREC, num_warps=warps,
+        DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device, num_warps=warps,
     )  # fmt: skip
