@@ -371,7 +371,7 @@ class GenerateBench:
         return int(free - max(2 * GiB, 0.04 * total))
 
     def estimate(self, variant: str, b: int, c: int, n_layers: int) -> int:
-        t = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + 1
+        t = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + self.graph_steps_n() + 1
         act = self.act_base + b * self.spec["vocab_size"] * 8
         exact_layer = b * self.hkv * t * self.d * self.elt * 2
         tq_layer = b * self.hkv * t * self.tq_bytes
@@ -414,7 +414,7 @@ class GenerateBench:
             x.fused_mode = True
         # exact caches alone: one update per layer (DynamicLayer concatenates: chunks would copy quadratically)
         chunk = c if not compressed else max(1, min(c, self.fill_chunk_elems // (b * self.hkv * self.d)))
-        reserve = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + 1
+        reserve = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + self.graph_steps_n() + 1
         try:
             for i in range(n_layers):
                 for s in range(0, c, chunk):
@@ -496,7 +496,7 @@ class GenerateBench:
                     cache = DynamicCache(config=cfg)
                 elif variant == "exact_prealloc":
                     cache = DynamicCache(config=cfg)
-                    cap = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + 1
+                    cap = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + self.graph_steps_n() + 1
                     cache.layers = [_preallocated_layer(cap) for _ in cache.layers]
                 else:
                     cache = TurboQuantCache(cfg, bits=4)
@@ -523,6 +523,8 @@ class GenerateBench:
                         self.sync()
                         dt = time.perf_counter() - t0
                         extra = self.profile_steps(row["case"], cache, tok, c + self.warmup + self.steps)
+                        if variant in ("exact_prealloc", "fused", "fused_full") and self.graph_steps_n():
+                            extra += self.graph_steps(row, cache, tok, c + self.warmup + self.steps + extra)
                 finally:
                     uninstall_fused_tq4_kv(self.model)
                 seq = cache.get_seq_length()
@@ -543,6 +545,56 @@ class GenerateBench:
             del cache
             self.free()
         return row
+
+    def graph_steps_n(self) -> int:
+        """Decode steps replayed from CUDA graphs after the eager ones (--graphs on CUDA), else 0."""
+        return self.steps if getattr(self.args, "graphs", False) and self.device.type == "cuda" else 0
+
+    def graph_steps(self, row: dict, cache, tok: torch.Tensor, pos: int) -> int:
+        """--graphs: capture the next `steps` decode steps as one CUDA graph each (the lengths of each step are
+        baked into its graph, the token flows from one graph to the next; one memory pool), then replay them
+        in order and time the replays: the GPU's cost of a decode step without the host's. Same for every
+        variant. Sets row["graph_tok_s"], row["graph_ms_step"] (or row["graph_error"]). Returns the steps."""
+        from turboquant_vllm.integrations.transformers import cache_kwargs
+
+        n, b = self.graph_steps_n(), tok.shape[0]
+        kw = cache_kwargs(self.model, cache)
+        ids = [torch.full((b, 1), pos + i, dtype=torch.long, device=self.device) for i in range(n)]
+        cps = [torch.full((1,), pos + i, dtype=torch.long, device=self.device) for i in range(n)]
+        graphs, keep, pool, cur = [], [], None, tok.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                for i in range(n):
+                    extra = {"cache_position": cps[i]} if self.pass_cache_position else {}
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, stream=stream):
+                        out = self.model(input_ids=cur, position_ids=ids[i], attention_mask=None, use_cache=True,
+                                         **kw, **extra)  # fmt: skip
+                        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                    pool = g.pool()
+                    graphs.append(g)
+                    keep.append((cur, out))
+                    cur = nxt
+            torch.cuda.current_stream().wait_stream(stream)
+            self.sync()
+            t0 = time.perf_counter()
+            for g in graphs:
+                g.replay()
+            self.sync()
+            dt = time.perf_counter() - t0
+            row["graph_tok_s"] = b * n / dt
+            row["graph_ms_step"] = 1e3 * dt / n
+            self.progress.write(f"[{row['case']}] CUDA graphs: {row['graph_tok_s']:.1f} tok/s "
+                                f"({row['graph_ms_step']:.2f} ms/step, {n} steps)")  # fmt: skip
+        except Exception as e:  # a capture that fails (a host sync in the step) is reported, not fatal
+            torch.cuda.current_stream().wait_stream(stream)
+            row["graph_error"] = _err(e)
+            self.progress.write(f"[{row['case']}] CUDA-graph capture failed: {row['graph_error']}")
+        finally:
+            del graphs, keep
+        return n
 
     def profile_steps(self, case: str, cache, tok: torch.Tensor, pos: int) -> int:
         """--profile N: N more decode steps (after the timed ones) under torch.profiler, then N under cProfile.
@@ -933,6 +985,13 @@ def summarize(
             )
     else:
         lines.append(f"{tgt} fused TQ4 / exact tokens/s at {where}: not measured")
+    pa = case.get("exact_prealloc")
+    if pa and fu and "graph_tok_s" in pa and "graph_tok_s" in fu:
+        s3 = fu["graph_tok_s"] / pa["graph_tok_s"]
+        lines.append(
+            f"{tgt} fused TQ4 / exact preallocated, both replayed from CUDA graphs, tokens/s at {where} "
+            f"({pa['layers']} layers): {s3:.2f}x (target >= {TARGET_SPEEDUP}x) {verdict(s3, TARGET_SPEEDUP)}"
+        )
     ff = case.get("fused_full")
     if ff and "tok_s" in ff:
         lines.append(f"INFO fused TQ4 with all {ff['layers']} layers at {where}: {ff['tok_s']:.1f} tokens/s")
@@ -980,6 +1039,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="force this many layers for every case")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, N steps under torch.profiler, then N under cProfile (out dir)")  # fmt: skip
+    p.add_argument("--graphs", action="store_true",
+                   help="also time --steps decode steps replayed from CUDA graphs (exact_prealloc, fused)")  # fmt: skip
     p.add_argument("--model-layers", type=int, default=None, help="layers of the model built (default 32; smoke 2)")
     p.add_argument("--check-batch", type=int, default=None, help="batch of the correctness check (default 2)")
     p.add_argument("--check-ctx", type=int, default=None, help="context of the correctness check (default 1024)")
@@ -1024,7 +1085,8 @@ def _defaults(args) -> None:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
 
 
-TABLE = ["case", "layers", "B", "ctx", "tok_s", "ms_step", "x_exact", "kv_GiB", "kv_x", "peak_GiB", "attn", "error"]
+TABLE = ["case", "layers", "B", "ctx", "tok_s", "ms_step", "graph_tok_s", "graph_ms_step", "x_exact", "kv_GiB", "kv_x",
+         "peak_GiB", "attn", "error"]  # fmt: skip
 MB_TABLE = ["case", "layers", "ctx", "B", "kv_GiB", "peak_GiB", "probes", "attn", "error"]
 
 
