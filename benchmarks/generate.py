@@ -524,11 +524,12 @@ class GenerateBench:
                         dt = time.perf_counter() - t0
                         extra = self.profile_steps(row["case"], cache, tok, c + self.warmup + self.steps)
                         if variant in ("exact_prealloc", "fused", "fused_full") and self.graph_steps_n():
-                            extra += self.graph_steps(row, cache, tok, c + self.warmup + self.steps + extra)
+                            done = self.graph_steps(row, cache, tok, c + self.warmup + self.steps + extra, variant)
+                            extra = None if done is None else extra + done
                 finally:
                     uninstall_fused_tq4_kv(self.model)
                 seq = cache.get_seq_length()
-                if seq != c + self.warmup + self.steps + extra:
+                if extra is not None and seq != c + self.warmup + self.steps + extra:
                     raise RuntimeError(
                         f"cache holds {seq} tokens after decoding, expected {c + self.warmup + self.steps + extra}"
                     )
@@ -550,11 +551,16 @@ class GenerateBench:
         """Decode steps replayed from CUDA graphs after the eager ones (--graphs on CUDA), else 0."""
         return self.steps if getattr(self.args, "graphs", False) and self.device.type == "cuda" else 0
 
-    def graph_steps(self, row: dict, cache, tok: torch.Tensor, pos: int) -> int:
+    def graph_steps(self, row: dict, cache, tok: torch.Tensor, pos: int, variant: str) -> int | None:
         """--graphs: capture the next `steps` decode steps as one CUDA graph each (the lengths of each step are
         baked into its graph, the token flows from one graph to the next; one memory pool), then replay them
         in order and time the replays: the GPU's cost of a decode step without the host's. Same for every
-        variant. Sets row["graph_tok_s"], row["graph_ms_step"] (or row["graph_error"]). Returns the steps."""
+        variant; the exact cache's SDPA may pick any of cuDNN / flash / memory-efficient inside a graph (a
+        graph has no per-step re-planning to fear; flash alone was refused under capture: "No available
+        kernel", torch 2.11). Sets row["graph_tok_s"], row["graph_ms_step"] (or row["graph_error"]). Returns the
+        steps, or None where a capture failed part-way (the cache's length is then unknown)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         from turboquant_vllm.integrations.transformers import cache_kwargs
 
         n, b = self.graph_steps_n(), tok.shape[0]
@@ -564,8 +570,10 @@ class GenerateBench:
         graphs, keep, pool, cur = [], [], None, tok.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        sdpa = contextlib.nullcontext() if variant.startswith("fused") else sdpa_kernel(backends)
         try:
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), sdpa:
                 for i in range(n):
                     extra = {"cache_position": cps[i]} if self.pass_cache_position else {}
                     g = torch.cuda.CUDAGraph()
@@ -592,6 +600,7 @@ class GenerateBench:
             torch.cuda.current_stream().wait_stream(stream)
             row["graph_error"] = _err(e)
             self.progress.write(f"[{row['case']}] CUDA-graph capture failed: {row['graph_error']}")
+            return None
         finally:
             del graphs, keep
         return n

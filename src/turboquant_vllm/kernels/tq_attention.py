@@ -1194,8 +1194,9 @@ def _shape_plan(hq: int, sq: int, d: int, hkv: int, dtype: torch.dtype, interp: 
 
 
 @functools.lru_cache(maxsize=4096)
-def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, resident: int = 2) -> int:
-    """Splits of the token range for `programs` (B*Hkv*row blocks) and `chunks` (tokens / _MIN_CHUNK).
+def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, resident: int = 2, extra: int = 0) -> int:
+    """Splits of the compressed token range for `programs` (B*Hkv*row blocks) and `chunks` (tokens / _MIN_CHUNK);
+    `extra`: splits per program row that walk the exact segment (they take program slots too).
 
     Model: an SM holding k programs takes k / resident * (chunks / ns + overhead) once it holds >= `resident`
     programs (fewer cannot keep enough loads in flight, and run no faster); the overhead of a split grows with
@@ -1204,7 +1205,7 @@ def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, residen
     overhead = _SPLIT_OVERHEAD + block_m / 16
     best, best_cost = 1, float("inf")
     for ns in range(1, min(chunks, _MAX_SPLITS) + 1):
-        k = -(-programs * ns // sms)
+        k = -(-programs * (ns + extra) // sms)
         cost = max(k, resident) / resident * (-(-chunks // ns) + overhead)
         if cost < best_cost:
             best, best_cost = ns, cost
@@ -1213,9 +1214,11 @@ def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, residen
 
 def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, interp: bool, block_m: int,
             resident: int = 2):  # fmt: skip
-    """(chunk, NS_C, NS_E) from host-side numbers only."""
-    total = max(1, max_tokens + se)
+    """(chunk, NS_C, NS_E) from host-side numbers only. The chunk is sized for the compressed tokens (the exact
+    segment, at most a window of recent tokens at decode, takes ceil(Se / chunk) more splits): sizing it for
+    both put one more split on every row at 1 exact token and spilled 16 x 32K decode into a second wave."""
     align = 16 if interp else _MIN_CHUNK
+    base = max(1, max_tokens) if max_tokens > 0 else max(1, se)
     if num_kv_splits is not None:
         want = int(num_kv_splits)
         if want < 1:
@@ -1223,9 +1226,10 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
     elif interp:
         want = _cdiv(16, programs)
     else:
-        want = _num_splits(programs, _cdiv(total, align), _num_sms(device.index or 0), block_m, resident)
-    want = max(1, min(want, _cdiv(total, align)))
-    chunk = _cdiv(_cdiv(total, want), align) * align
+        extra = 1 if se and max_tokens > 0 else 0
+        want = _num_splits(programs, _cdiv(base, align), _num_sms(device.index or 0), block_m, resident, extra)
+    want = max(1, min(want, _cdiv(base, align)))
+    chunk = _cdiv(_cdiv(base, want), align) * align
     return chunk, max(1, _cdiv(max_tokens, chunk)), _cdiv(se, chunk)
 
 
