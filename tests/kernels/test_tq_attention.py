@@ -527,6 +527,12 @@ for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [
               max_tokens=n, key_exact=ke, value_exact=ke, mask=None if mask is None else mask.expand(b, hq, sq, n + se),
               causal=causal, causal_comp=causal and not paged, scale=None, out=None, num_kv_splits=None)
     C.tq_compress(q[:, :hkv], m, c.rotation, c.k_boundaries, kb, kp, kn, 0)
+c = Codecs.build(KVLayout(128, 4, 3))  # keys and values in one launch, device offsets (the decode step's form)
+x = torch.randn(2, 8, 1, 128).half()
+kp, vp = torch.zeros(2, 8, 16, 64, dtype=torch.uint8), torch.zeros(2, 8, 16, 48, dtype=torch.uint8)
+kn, m = torch.zeros(2, 8, 16), torch.zeros(2, 8, 128)
+C.tq_compress_kv(x, x, m, m, c.rotation, c.k_boundaries, c.v_boundaries, 4, 3, kp, kn, vp, kn.clone(),
+                 torch.zeros(2, dtype=torch.int32))
 """
 
 
@@ -543,7 +549,7 @@ def test_kernels_compile_for_sm90(device):
     if r.returncode == 0 and "SKIP" in r.stdout:
         pytest.skip(r.stdout.strip()[-300:])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert r.stdout.count("OK _tq_attn_kernel") == 5 and r.stdout.count("OK _tq_compress_kernel") == 5, r.stdout
+    assert r.stdout.count("OK _tq_attn_kernel") == 5 and r.stdout.count("OK _tq_compress_kernel") == 6, r.stdout
     assert r.stdout.count("OK _tq_reduce_kernel") == 5 and r.stdout.count("OK _tq_qrot_kernel") == 5, r.stdout
     # No spills, except in the one-warp sub-tile decode programs (cases 1, 4, 5): they keep 8 query sub-tiles,
     # 8 accumulators and two packed tiles in 255 registers, and the compiler may spill a little, mostly outside

@@ -158,6 +158,41 @@ def test_device_offsets(device, monkeypatch, per_row, path):
         torch.testing.assert_close(nr[i : i + 1], want_n, equal_nan=True)
 
 
+@pytest.mark.parametrize("path", ["triton", "pytorch"])
+@pytest.mark.parametrize("bits", [(4, 3), (3, 2), (2, 4)])
+def test_keys_and_values_in_one_launch(device, monkeypatch, path, bits):
+    """tq_compress_kv writes exactly what two tq_compress calls write (host and device offsets)."""
+    from turboquant_vllm.kernels.tq_compress import tq_compress_kv
+
+    if path == "pytorch":
+        monkeypatch.setattr(tqc, "use_triton", lambda *t: False)
+    kb, vb = bits
+    b, h, s, d, cap = 2, 2, 3, 64, 9
+    g = torch.Generator().manual_seed(11)
+    c = Codecs.build(KVLayout(d, kb, vb), seed=3, device=device)
+    k, v = (torch.randn(b, h, s, d, generator=g).to(device) for _ in range(2))
+    km, vm = (torch.randn(b, h, d, generator=g).to(device) for _ in range(2))
+    for offset in (2, torch.tensor([1, 5], dtype=torch.int32, device=device)):
+        got = [torch.full((b, h, cap, d * kb // 8), 7, dtype=torch.uint8, device=device),
+               torch.full((b, h, cap), float("nan"), device=device),
+               torch.full((b, h, cap, d * vb // 8), 7, dtype=torch.uint8, device=device),
+               torch.full((b, h, cap), float("nan"), device=device)]  # fmt: skip
+        want = [t.clone() for t in got]
+        tq_compress_kv(k, v, km, vm, c.rotation, c.k_boundaries, c.v_boundaries, kb, vb, *got, offset)
+        tq_compress(k, km, c.rotation, c.k_boundaries, kb, want[0], want[1], offset)
+        tq_compress(v, vm, c.rotation, c.v_boundaries, vb, want[2], want[3], offset)
+        for a, w in zip(got, want, strict=True):
+            torch.testing.assert_close(a, w, equal_nan=True, rtol=0, atol=0)
+
+
+def test_keys_and_values_must_match(device):
+    from turboquant_vllm.kernels.tq_compress import tq_compress_kv
+
+    x, mean, rot, bnd, bits, pk, nr, off = _bad_inputs(device)
+    with pytest.raises(ValueError, match="must match"):
+        tq_compress_kv(x, x.half(), mean, mean, rot, bnd, bnd, bits, bits, pk, nr, pk.clone(), nr.clone(), off)
+
+
 def test_device_offset_checks(device):
     args = _bad_inputs(device)
     with pytest.raises(ValueError, match="offset tensor must have shape"):

@@ -1,5 +1,6 @@
 """Fused TurboQuant compression of new K or V tokens straight into the packed cache (Triton).
 
+``tq_compress_kv(keys, values, ...)`` does keys and values in one launch (a decode step's form; the cache uses it).
 ``tq_compress(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset)`` writes tokens
 ``x[:, :, s]`` into positions ``offset + s`` of ``out_packed`` / ``out_norms`` in one pass per tile of
 BLOCK_S tokens: subtract the mean, take the norm, divide, rotate (``tl.dot`` with ``Pi^T``), quantize
@@ -33,7 +34,7 @@ from ..core.codebook import check_bits
 from ..core.kvcodec import compress_reference
 from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
 
-__all__ = ["tq_compress"]
+__all__ = ["tq_compress", "tq_compress_kv"]
 
 _MAX_HEAD_DIM = 256
 # float32 inputs: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) spills on sm_90.
@@ -116,8 +117,8 @@ def _store_chunks(out_rows, stride_pd, smask, a0, a1, a2, a3, START: tl.constexp
         tl.store(out_rows + ((START + 3 * U + j) * stride_pd)[None, :], a3.to(tl.uint8), mask=m)
 
 
-@triton.jit(do_not_specialize=["offset"])
-def _tq_compress_kernel(
+@triton.jit
+def _compress_tile(
     x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
     mean_ptr, stride_mb, stride_mh, stride_md,
     pi_ptr, stride_pr, stride_pc,
@@ -129,21 +130,7 @@ def _tq_compress_kernel(
     HEAD_DP: tl.constexpr, UP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
     OFFSET_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """Compress BLOCK_S tokens of one (batch, head).
-
-    x     [B, H, S, D]          fp16/bf16/fp32  strides (stride_xb, stride_xh, stride_xs, stride_xd)
-    mean  [B, H, D]             float32         strides (stride_mb, stride_mh, stride_md)
-    pi    [D, D]                float32 (float32 x) or float16 (16-bit x)  strides (stride_pr, stride_pc);
-                                x_rot = x @ Pi.T
-    bnd   [2**BITS - 1]         float32         contiguous, increasing
-    pk    [B, H, cap, D*BITS/8] uint8           strides (stride_pb, stride_ph, stride_pn, stride_pd)
-    nrm   [B, H, cap]           float32         strides (stride_nb, stride_nh, stride_nn)
-    WMIN: the narrowest plane's width; P_C = 8 / WMIN sub-slices of U = HEAD_DIM * WMIN / 8 coordinates (= the
-    narrowest plane's bytes; padded to UP).
-    off   [B] or [1] int32/int64 (OFFSET_ON_DEVICE)  stride stride_ob (0 to broadcast)
-    Token s goes to position offset + s, where offset is the host int or, with OFFSET_ON_DEVICE, off[b] (read on
-    the device: a CUDA graph replays it with the value of the moment). Grid (cdiv(S, BLOCK_S), B * H).
-    """
+    """Compress BLOCK_S tokens (tile program_id(0)) of one (batch, head) (program_id(1)); see _tq_compress_kernel."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -203,6 +190,54 @@ def _tq_compress_kernel(
             _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, (BITS & 6) * HEAD_DIM // 8, 1, U, UP)
 
 
+@triton.jit(do_not_specialize=["offset"])
+def _tq_compress_kernel(
+    x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
+    mean_ptr, stride_mb, stride_mh, stride_md,
+    bnd_ptr,
+    pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
+    nrm_ptr, stride_nb, stride_nh, stride_nn,
+    x2_ptr, stride_x2b, stride_x2h, stride_x2s, stride_x2d,
+    mean2_ptr, stride_m2b, stride_m2h, stride_m2d,
+    bnd2_ptr,
+    pk2_ptr, stride_p2b, stride_p2h, stride_p2n, stride_p2d,
+    nrm2_ptr, stride_n2b, stride_n2h, stride_n2n,
+    pi_ptr, stride_pr, stride_pc,
+    H, S, offset, off_ptr, stride_ob,
+    BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, UP: tl.constexpr,
+    BITS2: tl.constexpr, WMIN2: tl.constexpr, P_C2: tl.constexpr, U2: tl.constexpr, UP2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
+    OFFSET_ON_DEVICE: tl.constexpr, PAIR: tl.constexpr,
+):  # fmt: skip
+    """Compress BLOCK_S tokens of one (batch, head): of x (program_id(2) == 0) or, with PAIR, of x2 (== 1; keys
+    and values in one launch, each with its own mean, boundaries, bits and store; one rotation).
+
+    x     [B, H, S, D]          fp16/bf16/fp32  strides (stride_xb, stride_xh, stride_xs, stride_xd)
+    mean  [B, H, D]             float32         strides (stride_mb, stride_mh, stride_md)
+    bnd   [2**BITS - 1]         float32         contiguous, increasing
+    pk    [B, H, cap, D*BITS/8] uint8           strides (stride_pb, stride_ph, stride_pn, stride_pd)
+    nrm   [B, H, cap]           float32         strides (stride_nb, stride_nh, stride_nn)
+    x2, mean2, bnd2, pk2, nrm2  the same for the second tensor, with BITS2 (read when the grid has 2 in dim 2)
+    pi    [D, D]                float32 (float32 x) or float16 (16-bit x)  strides (stride_pr, stride_pc);
+                                x_rot = x @ Pi.T
+    off   [B] or [1] int32/int64 (OFFSET_ON_DEVICE)  stride stride_ob (0 to broadcast)
+    WMIN: the narrowest plane's width; P_C = 8 / WMIN sub-slices of U = HEAD_DIM * WMIN / 8 coordinates (= the
+    narrowest plane's bytes; padded to UP). Token s goes to position offset + s, where offset is the host int
+    or, with OFFSET_ON_DEVICE, off[b] (read on the device: a CUDA graph replays it with the value of the moment).
+    Grid (cdiv(S, BLOCK_S), B * H, 2 if PAIR else 1).
+    """
+    if not PAIR or tl.program_id(2) == 0:
+        _compress_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, mean_ptr, stride_mb, stride_mh, stride_md,
+                       pi_ptr, stride_pr, stride_pc, bnd_ptr, pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
+                       nrm_ptr, stride_nb, stride_nh, stride_nn, H, S, offset, off_ptr, stride_ob, BITS, WMIN, P_C, U,
+                       HEAD_DIM, HEAD_DP, UP, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
+    else:
+        _compress_tile(x2_ptr, stride_x2b, stride_x2h, stride_x2s, stride_x2d, mean2_ptr, stride_m2b, stride_m2h,
+                       stride_m2d, pi_ptr, stride_pr, stride_pc, bnd2_ptr, pk2_ptr, stride_p2b, stride_p2h, stride_p2n,
+                       stride_p2d, nrm2_ptr, stride_n2b, stride_n2h, stride_n2n, H, S, offset, off_ptr, stride_ob,
+                       BITS2, WMIN2, P_C2, U2, HEAD_DIM, HEAD_DP, UP2, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
+
+
 def _half_rotation(rotation: torch.Tensor) -> torch.Tensor:
     """fp16 copy of the rotation, made once per rotation tensor (a Codecs' rotation lives as long as its cache)."""
     key = (rotation.data_ptr(), rotation.device)
@@ -216,27 +251,10 @@ def _half_rotation(rotation: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def tq_compress(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    rotation: torch.Tensor,
-    boundaries: torch.Tensor,
-    bits: int,
-    out_packed: torch.Tensor,
-    out_norms: torch.Tensor,
-    offset: int | torch.Tensor,
-) -> None:
-    """Compress x [B, H, S, D] (fp16/bf16/fp32, any strides) into out_packed[:, :, offset:offset+S]
-    (uint8 [B, H, cap, D*bits/8], any strides) and out_norms[:, :, offset:offset+S]
-    (float32 [B, H, cap]). mean float32 [B, H, D]; rotation float32 [D, D]; boundaries float32
-    [2**bits - 1] (increasing). Same result as core.kvcodec.compress_reference.
-
-    offset: a host int, or an int32 / int64 tensor [B] or [1] on x's device holding each row's write position,
-    read by the kernel (CUDA-graph capturable: nothing is read back to the host). A device offset is not
-    range-checked on the host (that would sync): the caller keeps offset + S <= cap, as CompressedLayer does by
-    reserving capacity first."""
+def _plan(x: torch.Tensor, mean, rotation, boundaries, bits: int, out_packed, out_norms, offset, name: str):
+    """Validate one tensor's arguments (x: "x", "keys" or "values"); returns (B, H, S, D, on_device)."""
     check_bits(bits)
-    check_tensor(x, "x", ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor(x, name, ndim=4, dtypes=FLOAT_DTYPES)
     dev = x.device
     bsz, heads, seq, d = x.shape
     check_tensor(mean, "mean", ndim=3, dtypes=(torch.float32,), device=dev)
@@ -269,28 +287,39 @@ def tq_compress(
         raise TypeError(f"offset must be an int or an int32/int64 tensor, got {type(offset).__name__}")
     elif offset < 0 or offset + seq > cap:
         raise ValueError(f"tokens [offset, offset + S) = [{offset}, {offset + seq}) exceed the capacity {cap}")
-    if seq == 0 or bsz == 0 or heads == 0:
-        return
+    return bsz, heads, seq, d, on_device
 
-    if not use_triton(x, mean, rotation, out_packed) or d > _MAX_HEAD_DIM:
-        packed, norms = compress_reference(x, mean, rotation, boundaries, bits)
-        if not on_device:
-            out_packed[:, :, offset : offset + seq] = packed
-            out_norms[:, :, offset : offset + seq] = norms
-            return
-        pos = offset.to(torch.long).expand(bsz)[:, None] + torch.arange(seq, device=dev)  # [B, S]
-        if bool((pos < 0).any() or (pos >= cap).any()):  # the PyTorch path may check (it syncs anyway)
-            raise ValueError(f"device offsets {offset.tolist()} + {seq} tokens exceed the capacity {cap}")
-        rows = torch.arange(bsz, device=dev)[:, None]
-        out_packed.permute(0, 2, 1, 3)[rows, pos] = packed.permute(0, 2, 1, 3)
-        out_norms.permute(0, 2, 1)[rows, pos] = norms.permute(0, 2, 1)
-        return
 
+def _reference(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset, on_device: bool) -> None:
+    """The PyTorch path: compress_reference, written at the (host or device) offset."""
+    bsz, _, seq, _ = x.shape
+    packed, norms = compress_reference(x, mean, rotation, boundaries, bits)
+    if not on_device:
+        out_packed[:, :, offset : offset + seq] = packed
+        out_norms[:, :, offset : offset + seq] = norms
+        return
+    cap = out_packed.shape[2]
+    pos = offset.to(torch.long).expand(bsz)[:, None] + torch.arange(seq, device=x.device)  # [B, S]
+    if bool((pos < 0).any() or (pos >= cap).any()):  # the PyTorch path may check (it syncs anyway)
+        raise ValueError(f"device offsets {offset.tolist()} + {seq} tokens exceed the capacity {cap}")
+    rows = torch.arange(bsz, device=x.device)[:, None]
+    out_packed.permute(0, 2, 1, 3)[rows, pos] = packed.permute(0, 2, 1, 3)
+    out_norms.permute(0, 2, 1)[rows, pos] = norms.permute(0, 2, 1)
+
+
+def _geometry(bits: int, d: int) -> dict:
+    """Constexprs of one tensor: the narrowest plane's width, its sub-slices and their padded width."""
+    wmin = 8 if bits == 8 else (1 if bits & 1 else 2 if bits & 2 else 4)
+    return dict(BITS=bits, WMIN=wmin, P_C=8 // wmin, U=d * wmin // 8, UP=max(16, next_pow2(d * wmin // 8)))
+
+
+def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
+    """One launch for one or two (x, mean, boundaries, bits, out_packed, out_norms) parts sharing a shape."""
+    x = parts[0][0]
+    bsz, heads, seq, d = x.shape
     if bsz * heads > 65535:
         raise ValueError(f"B * H ({bsz * heads}) must be <= 65535 (CUDA grid limit)")
     hdp = max(16, next_pow2(d))
-    wmin = 8 if bits == 8 else (1 if bits & 1 else 2 if bits & 2 else 4)
-    up = max(16, next_pow2(d * wmin // 8))
     if x.dtype == torch.float32:
         pi, block_s, warps = rotation, CONFIG["block_s_f32"], CONFIG["num_warps_f32"]
     else:
@@ -300,16 +329,76 @@ def tq_compress(
     block_s = min(block_s, max(16, next_pow2(seq)))
     if hdp > 128:
         warps = max(warps, 8)
-    grid = (_cdiv(seq, block_s), bsz * heads)
-    _tq_compress_kernel[grid](
-        x, *x.stride(),
-        mean, *mean.stride(),
-        pi, *pi.stride(),
-        boundaries.contiguous(),
-        out_packed, *out_packed.stride(),
-        out_norms, *out_norms.stride(),
-        heads, seq, 0 if on_device else offset,
-        offset if on_device else out_norms, (offset.stride(0) if offset.shape[0] > 1 else 0) if on_device else 0,
-        BITS=bits, WMIN=wmin, P_C=8 // wmin, U=d * wmin // 8, HEAD_DIM=d, HEAD_DP=hdp, UP=up, BLOCK_S=block_s,
-        DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device, num_warps=warps,
+    args, geo = [], {}
+    for i, (t, mean, bnd, bits, pk, nr) in enumerate(parts + parts[:1] if len(parts) == 1 else parts):
+        args += [t, *t.stride(), mean, *mean.stride(), bnd.contiguous(), pk, *pk.stride(), nr, *nr.stride()]
+        g = _geometry(bits, d)
+        geo.update(g if i == 0 else {f"{k}2": v for k, v in g.items()})
+    off_args = (offset, offset.stride(0) if offset.shape[0] > 1 else 0) if on_device else (parts[0][5], 0)
+    _tq_compress_kernel[(_cdiv(seq, block_s), bsz * heads, len(parts))](
+        *args, pi, *pi.stride(), heads, seq, 0 if on_device else offset, *off_args, **geo, HEAD_DIM=d, HEAD_DP=hdp,
+        BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device, PAIR=len(parts) == 2, num_warps=warps,
     )  # fmt: skip
+
+
+def tq_compress(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rotation: torch.Tensor,
+    boundaries: torch.Tensor,
+    bits: int,
+    out_packed: torch.Tensor,
+    out_norms: torch.Tensor,
+    offset: int | torch.Tensor,
+) -> None:
+    """Compress x [B, H, S, D] (fp16/bf16/fp32, any strides) into out_packed[:, :, offset:offset+S]
+    (uint8 [B, H, cap, D*bits/8], any strides) and out_norms[:, :, offset:offset+S]
+    (float32 [B, H, cap]). mean float32 [B, H, D]; rotation float32 [D, D]; boundaries float32
+    [2**bits - 1] (increasing). Same result as core.kvcodec.compress_reference.
+
+    offset: a host int, or an int32 / int64 tensor [B] or [1] on x's device holding each row's write position,
+    read by the kernel (CUDA-graph capturable: nothing is read back to the host). A device offset is not
+    range-checked on the host (that would sync): the caller keeps offset + S <= cap, as CompressedLayer does by
+    reserving capacity first."""
+    bsz, heads, seq, d, on_device = _plan(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset, "x")
+    if seq == 0 or bsz == 0 or heads == 0:
+        return
+    if not use_triton(x, mean, rotation, out_packed) or d > _MAX_HEAD_DIM:
+        _reference(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset, on_device)
+        return
+    _launch([(x, mean, boundaries, bits, out_packed, out_norms)], rotation, offset, on_device)
+
+
+def tq_compress_kv(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_mean: torch.Tensor,
+    v_mean: torch.Tensor,
+    rotation: torch.Tensor,
+    k_boundaries: torch.Tensor,
+    v_boundaries: torch.Tensor,
+    k_bits: int,
+    v_bits: int,
+    k_packed: torch.Tensor,
+    k_norms: torch.Tensor,
+    v_packed: torch.Tensor,
+    v_norms: torch.Tensor,
+    offset: int | torch.Tensor,
+) -> None:
+    """tq_compress of keys and of values (same shape [B, H, S, D] and dtype, one rotation) in ONE launch:
+    the same result as two tq_compress calls, for half the launches of a decode step."""
+    kp = _plan(keys, k_mean, rotation, k_boundaries, k_bits, k_packed, k_norms, offset, "keys")
+    vp = _plan(values, v_mean, rotation, v_boundaries, v_bits, v_packed, v_norms, offset, "values")
+    if kp != vp or keys.dtype != values.dtype:
+        raise ValueError(
+            f"keys {tuple(keys.shape)} {keys.dtype} and values {tuple(values.shape)} {values.dtype} must match"
+        )
+    bsz, heads, seq, d, on_device = kp
+    if seq == 0 or bsz == 0 or heads == 0:
+        return
+    if not use_triton(keys, values, k_mean, rotation, k_packed, v_packed) or d > _MAX_HEAD_DIM:
+        _reference(keys, k_mean, rotation, k_boundaries, k_bits, k_packed, k_norms, offset, on_device)
+        _reference(values, v_mean, rotation, v_boundaries, v_bits, v_packed, v_norms, offset, on_device)
+        return
+    _launch([(keys, k_mean, k_boundaries, k_bits, k_packed, k_norms),
+             (values, v_mean, v_boundaries, v_bits, v_packed, v_norms)], rotation, offset, on_device)  # fmt: skip
