@@ -16,6 +16,7 @@ from turboquant_vllm.quality.baselines import (
     Fp8Codec,
     IntGroupCodec,
     KiviLayer,
+    OutlierChannelCodec,
     Setting,
     TurboQuantCodec,
     baseline_settings,
@@ -216,6 +217,33 @@ def test_codec_round_trips():
     tq.begin(x, x)
     rel = float((tq.quant_k(x) - x).norm() / (x - tq.k_mean.unsqueeze(-2)).norm())
     assert 0.05 < rel < 0.15  # 4-bit Lloyd-Max on a rotated unit vector: ~9.5% relative error
+
+
+def test_outlier_channels_rule_bytes_and_error():
+    """tq-out: the outliers are the top-n channels by RMS of the centred calibration keys (computed here
+    independently); equal bytes to plain 4-bit at 16@5 + 48@3 bits (head_dim 64); on keys with a few loud
+    channels it quantizes with a lower error than plain 4-bit, and exactly the chosen channels get the finer
+    codebook."""
+    s = parse_setting("tq-out:k=3,v=3,ok=5,ov=5,n=16")
+    assert s.name == "tq-out3+16@K5V5"
+    assert s.quantized_bytes(64) == parse_setting("tq:bits=4").quantized_bytes(64) == 72
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 200, 64, generator=g)
+    loud = torch.stack([torch.randperm(64, generator=g)[:8] for _ in range(6)]).view(2, 3, 8)
+    x.scatter_(-1, loud.unsqueeze(-2).expand(2, 3, 200, 8), torch.randn(2, 3, 200, 8, generator=g) * 8)
+    codec = OutlierChannelCodec(64, 3, 3, 5, 5, 16)
+    codec.begin(x, x)
+    r = x - x.mean(-2, keepdim=True)
+    want = r.pow(2).mean(-2).topk(16, dim=-1).indices.sort(-1).values
+    assert torch.equal(codec.split["k"][0], want)
+    assert all(set(loud[b, h].tolist()) <= set(want[b, h].tolist()) for b in range(2) for h in range(3))
+    plain = TurboQuantCodec(64, 4, 4)
+    plain.begin(x, x)
+    err_out = float((codec.quant_k(x) - x).norm())
+    err_plain = float((plain.quant_k(x) - x).norm())
+    assert err_out < 0.8 * err_plain, (err_out, err_plain)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        OutlierChannelCodec(64, 3, 3, 5, 5, 12)
 
 
 def test_fake_quant_layer_semantics_sink_and_window():

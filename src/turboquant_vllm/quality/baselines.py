@@ -12,11 +12,16 @@ Codecs (per token per KV head; `bytes_k/bytes_v` count every stored byte: codes,
 - int: randomised-Hadamard rotation + b-bit group-wise asymmetric min/max, fp16 scale + zero per group.
 - tq: TurboQuant MSE (rotation + Lloyd-Max codebook + float32 norm), keys centred per head by default.
 - tq-prod: keys with TurboQuantProd ((b-1)-bit MSE + 1-bit QJL + two float32 norms), values MSE.
+- tq-out: fractional rates with outlier channels: per layer and KV head, the `n` channels with the largest RMS
+  (of the centred keys, and of the values, over the first update's tokens after the sinks: the calibration)
+  get their own TurboQuant MSE (rotation and codebook of dimension n, own norm) at `ok` / `ov` bits, the
+  other head_dim - n channels another at `k` / `v` bits. K bytes: (n ok + (d - n) k) / 8 + 8 (two norms).
 - kivi: KIVI-style: keys per-channel over groups of G tokens, values per-token group-wise; a residual of
   fewer than G recent tokens stays in full precision until its group is complete.
 
 Settings are written as `kind:opt=val,...`, e.g. `tq:k=5,v=3`, `tq:k=4,v=4,window=64`, `tq:k=4,v=4,sink=4`,
-`int:bits=4,group=32`, `fp8`, `kivi:bits=4`, `tq-prod:k=4,v=4`, `tq:k=4,v=4,skip=0+29`, `tq:cv=1` (centre
+`int:bits=4,group=32`, `fp8`, `kivi:bits=4`, `tq-prod:k=4,v=4`, `tq-out:k=3,v=3,ok=5,ov=4,n=16`,
+`tq:k=4,v=4,skip=0+29`, `tq:cv=1` (centre
 values), `tq:ck=0` (no key centring), `tq:bits=4,sim=1` (the fake-quant simulation of TurboQuantCache: the same
 numbers, tests/test_quality.py checks it, and much faster on the CPU since nothing is dequantized per step).
 """
@@ -37,7 +42,7 @@ from ..core.rotation import hadamard_rotation
 from ..layout import NORM_BYTES, Codecs, KVLayout
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-KINDS = ("exact", "fp16", "fp8", "int", "tq", "tq-prod", "kivi")
+KINDS = ("exact", "fp16", "fp8", "int", "tq", "tq-prod", "tq-out", "kivi")
 
 
 # ---------------------------------------------------------------------------------------------- codecs
@@ -193,6 +198,71 @@ class TurboQuantProdCodec(TurboQuantCodec):
         return self.layout.head_dim * self.layout.k_bits / 8 + 2 * NORM_BYTES
 
 
+class OutlierChannelCodec(Codec):
+    """TurboQuant MSE with `n_out` outlier channels per (batch, KV head) quantized apart at higher bits.
+
+    Rule: at `begin` (the calibration tokens), the channels with the largest RMS of the centred keys (values:
+    of the values, centred if `center_values`) are the outliers of that head; both subsets get an independent
+    TurboQuant MSE (own rotation, codebook for their dimension, own float32 norm). Fractional rates follow:
+    e.g. head_dim 64, 16 outliers at 5 bits and 48 channels at 3 bits store 28 B + 8 B of norms per token,
+    what plain 4-bit stores (32 B + 4 B)."""
+
+    def __init__(self, head_dim, k_bits, v_bits, k_out_bits, v_out_bits, n_out, *, seed=0, rotation="qr",
+                 center_keys=True, center_values=False):  # fmt: skip
+        if not 0 < n_out < head_dim or n_out % 8 or (head_dim - n_out) % 8:
+            raise ValueError(f"outlier channels must be a multiple of 8 in (0, {head_dim}), got {n_out}")
+        self.d, self.n = head_dim, n_out
+        self.bits = {"k": (k_bits, k_out_bits), "v": (v_bits, v_out_bits)}
+        self.reg = Codecs.build(KVLayout(head_dim - n_out, k_bits, v_bits), seed, rotation)
+        self.out = Codecs.build(KVLayout(n_out, k_out_bits, v_out_bits), seed + 1, rotation)
+        self.center_keys, self.center_values = center_keys, center_values
+        self.k_mean = self.v_mean = None
+        self.split = {}
+
+    def _channels(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outlier channel indices [B, H, n], the others [B, H, d - n]), each in increasing order."""
+        rms = x.float().pow(2).mean(-2)  # [B, H, D]
+        order = rms.argsort(dim=-1, descending=True)
+        return order[..., : self.n].sort(-1).values, order[..., self.n :].sort(-1).values
+
+    def begin(self, keys, values):
+        zeros = torch.zeros(*keys.shape[:2], keys.shape[-1], dtype=torch.float32, device=keys.device)
+        self.k_mean = keys.float().mean(-2) if self.center_keys else zeros
+        self.v_mean = values.float().mean(-2) if self.center_values else zeros
+        self.reg, self.out = self.reg.to(keys.device), self.out.to(keys.device)
+        self.split = {"k": self._channels(keys.float() - self.k_mean.unsqueeze(-2)),
+                      "v": self._channels(values.float() - self.v_mean.unsqueeze(-2))}  # fmt: skip
+
+    def _q(self, x, mean, which: str):
+        r = x.float() - mean.unsqueeze(-2)
+        out = torch.empty_like(r)
+        for idx, codecs, bits in zip(self.split[which], (self.out, self.reg), self.bits[which][::-1], strict=True):
+            gi = idx.unsqueeze(-2).expand(*r.shape[:-1], idx.shape[-1])
+            part = r.gather(-1, gi)
+            bounds = codecs.k_boundaries if which == "k" else codecs.v_boundaries
+            cents = codecs.k_centroids if which == "k" else codecs.v_centroids
+            zero = torch.zeros(*part.shape[:2], part.shape[-1], dtype=torch.float32, device=r.device)
+            packed, norms = compress_reference(part, zero, codecs.rotation, bounds, bits)
+            out.scatter_(-1, gi, dequantize_reference(packed, norms, zero, codecs.rotation, cents, bits))
+        return (out + mean.unsqueeze(-2)).to(x.dtype)
+
+    def quant_k(self, x):
+        return self._q(x, self.k_mean, "k")
+
+    def quant_v(self, x):
+        return self._q(x, self.v_mean, "v")
+
+    def _bytes(self, which: str) -> float:
+        reg, hi = self.bits[which]
+        return ((self.d - self.n) * reg + self.n * hi) / 8 + 2 * NORM_BYTES
+
+    def bytes_k(self):
+        return self._bytes("k")
+
+    def bytes_v(self):
+        return self._bytes("v")
+
+
 # ---------------------------------------------------------------------------------------------- layers
 class FakeQuantLayer(DynamicLayer):
     """DynamicLayer that stores K/V fake-quantized by `codec` (dequantized values are kept: a simulation).
@@ -314,6 +384,9 @@ class Setting:
     seed: int = 0
     rotation: str = "qr"
     simulate: bool = False  # measure a `tq` setting on the fake-quant simulation instead of TurboQuantCache
+    outliers: int = 0  # tq-out: outlier channels per head (default head_dim / 4)
+    out_k_bits: int = 0  # tq-out: bits of the outlier key channels (default k_bits + 1)
+    out_v_bits: int = 0  # tq-out: bits of the outlier value channels (default v_bits + 1)
     label: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -330,10 +403,13 @@ class Setting:
             s = f"kivi{self.k_bits}"
         else:
             kv = f"{self.k_bits}" if self.k_bits == self.v_bits else f"K{self.k_bits}V{self.v_bits}"
-            s = {"tq": "tq", "tq-prod": "tq-prod", "int": "int"}[self.kind] + kv
+            s = {"tq": "tq", "tq-prod": "tq-prod", "int": "int", "tq-out": "tq-out"}[self.kind] + kv
             if self.kind == "int":
                 s += f"/g{self.group}"
-        if self.kind in ("tq", "tq-prod"):
+            if self.kind == "tq-out":
+                ok, ov = self.out_k_bits or self.k_bits + 1, self.out_v_bits or self.v_bits + 1
+                s += f"+{self.outliers or 'd/4'}@K{ok}V{ov}"
+        if self.kind in ("tq", "tq-prod", "tq-out"):
             if not self.center_keys:
                 s += " nock"
             if self.center_values:
@@ -366,6 +442,10 @@ class Setting:
             return TurboQuantCodec(head_dim, self.k_bits, self.v_bits, **kw)
         if self.kind == "tq-prod":
             return TurboQuantProdCodec(head_dim, self.k_bits, self.v_bits, **kw)
+        if self.kind == "tq-out":
+            ok, ov = self.out_k_bits or self.k_bits + 1, self.out_v_bits or self.v_bits + 1
+            return OutlierChannelCodec(head_dim, self.k_bits, self.v_bits, ok, ov, self.outliers or head_dim // 4,
+                                       **kw)  # fmt: skip
         return None
 
     def quantized_bytes(self, head_dim: int) -> float:
@@ -427,7 +507,7 @@ class Setting:
 
 def parse_setting(spec: str) -> Setting:
     """`kind[:opt=val,...]`; options k, v, bits, window, sink (or sinks), skip (a+b), ck, cv, group, seed, rotation,
-    sim, label."""
+    sim, label; tq-out: n (outlier channels), ok, ov (their key / value bits)."""
     kind, _, opts = spec.strip().partition(":")
     kw: dict = {}
     for item in filter(None, (o.strip() for o in opts.split(","))):
@@ -459,6 +539,12 @@ def parse_setting(spec: str) -> Setting:
             kw["simulate"] = val not in ("0", "false", "no")
         elif key == "label":
             kw["label"] = val
+        elif key in ("n", "outliers"):
+            kw["outliers"] = int(val)
+        elif key == "ok":
+            kw["out_k_bits"] = int(val)
+        elif key == "ov":
+            kw["out_v_bits"] = int(val)
         else:
             raise ValueError(f"unknown option {key!r} in setting {spec!r}")
     return Setting(kind=kind.strip().lower(), **kw)
