@@ -59,7 +59,9 @@ Pipeline: 3 launches for any call, decode included.
      and multiplied by Pi (``o = R @ Pi + L_c * v_mean``), the exact splits' added in the original space;
      divides by l, writes ``[B, Sq, Hq, D]`` (any strides) in the query dtype.
   Decode (G * Sq <= 128 rows; 64 for head_dim 256, 32 for float32) uses one row block and splits the KV length over
-  programs (``_num_splits``: about 2-3 resident programs per SM, chunk >= 128 tokens). The split count
+  programs (``_num_splits``: enough programs for ~8 resident one-warp programs per SM on the sub-tile path, ~2
+  otherwise, in one wave where possible, chunk >= 128 tokens; the exact segment's splits count as programs). The
+  split count
   comes from host-side numbers only: B*Hkv, the SM count and the token bound (``kv.length``, a host int,
   in the dense path; ``max_blocks * block_size`` in the paged path, whose per-sequence lengths are read
   on the device). No ``.item()``, ``.tolist()`` or other host sync in the launch path: the paged call is
@@ -74,8 +76,9 @@ Bytes read per decode step, per token and per KV head (the roofline's numerator)
   ((D + 2) * 4 B per row) written once and read once. Per call: Pi once per row block in steps 0 and 2.
 
 Tiles: BLOCK_M = max(16, next_pow2(G * Sq)) rows (decode) or 128 / 64 / 32 (prefill; 16-bit head_dim
-<= 128 / 256 / float32); BLOCK_N autotuned on GPU (32 / 64 / 128 tokens, 4 / 8 warps, configs that spill on
-sm_90 pruned; 16 under the interpreter). Sub-tile widths are padded to a power of two >= 16 with masks
+<= 128 / 256 / float32); BLOCK_N: the sub-tile decode path uses ``_decode_config`` (32 or 64 tokens, one warp),
+the joined path is autotuned on GPU (32 / 64 / 128 tokens, 4 / 8 warps, configs that spill on sm_90 pruned);
+16 under the interpreter. Sub-tile widths are padded to a power of two >= 16 with masks
 (head_dim 96, 4 bits: 24 -> 32). Packed views that are not aligned to E bytes fall back to E = 1. Chunk of
 tokens per split: a multiple of 128 (16 under the interpreter).
 
