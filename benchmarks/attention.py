@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import copy_bandwidth, env_header, print_table, write_results  # noqa: E402
 
 from turboquant_vllm.core.kvcodec import attention_reference, dequantize_reference  # noqa: E402
+from turboquant_vllm.kernels import tq_compress as tqc  # noqa: E402
 from turboquant_vllm.kernels.flash_attention import flash_attention  # noqa: E402
 from turboquant_vllm.kernels.tq_attention import tq_attention  # noqa: E402
 from turboquant_vllm.kernels.tq_compress import tq_compress  # noqa: E402
@@ -203,12 +204,16 @@ def compress_rows(bw):
         kn = torch.empty(b, 8, s, dtype=torch.float32, device="cuda")
         mean = torch.zeros(b, 8, 128, device="cuda")
         fn = functools.partial(tq_compress, x, mean, codecs.rotation, codecs.k_boundaries, 4, kp, kn, 0)
-        t, tg = bench(fn), bench(fn, graph=True)  # eager includes the host's launch cost; graph replay does not
         moved = x.numel() * 2 + kp.numel() + kn.numel() * 4
-        rows.append(dict(kind="compress", B=b, N=s, ms=t, pct_bw=100 * moved / (t * 1e-3) / bw, graph_ms=tg,
-                         graph_pct_bw=100 * moved / (tg * 1e-3) / bw))  # fmt: skip
-        print(f"compress 4-bit B={b} S={s}: {t:.4f} ms eager, {tg:.4f} ms graph replay, "
-              f"{100 * moved / (tg * 1e-3) / bw:.0f}% of copy bandwidth (graph)")  # fmt: skip
+        default = tqc.CONFIG["tiles"]
+        for tiles in sorted({default, 1, 2, 4}):  # token blocks per program (the rotation re-read from L1)
+            tqc.CONFIG["tiles"] = tiles
+            t, tg = bench(fn), bench(fn, graph=True)  # eager includes the host's launch cost; graph replay does not
+            rows.append(dict(kind="compress", B=b, N=s, tiles=tiles, ms=t, pct_bw=100 * moved / (t * 1e-3) / bw,
+                             graph_ms=tg, graph_pct_bw=100 * moved / (tg * 1e-3) / bw))  # fmt: skip
+            print(f"compress 4-bit B={b} S={s} tiles={tiles}: {t:.4f} ms eager, {tg:.4f} ms graph replay, "
+                  f"{100 * moved / (tg * 1e-3) / bw:.0f}% of copy bandwidth (graph)")  # fmt: skip
+        tqc.CONFIG["tiles"] = default
     return rows
 
 

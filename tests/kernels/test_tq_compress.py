@@ -95,6 +95,14 @@ def test_decode_single_token(device):
     _run(device, 3, 2, 1, 128, 3, torch.float16, offset=37)
 
 
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_several_blocks_per_program(device, monkeypatch, tiles):
+    """CONFIG["tiles"] > 1: one program walks several token blocks (a ragged last one included); same result."""
+    monkeypatch.setitem(tqc.CONFIG, "tiles", tiles)
+    _run(device, 2, 2, 16 * 5 + 3, 64, 4, torch.float32)
+    _run(device, 1, 2, 16 * 2 + 1, 96, 3, torch.float16)
+
+
 def test_long_sequence_several_tiles(device):
     _run(device, 1, 1, 70, 64, 4, torch.float32, offset=0, extra=0)
 

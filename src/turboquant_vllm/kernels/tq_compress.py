@@ -39,8 +39,9 @@ __all__ = ["tq_compress", "tq_compress_kv"]
 _MAX_HEAD_DIM = 256
 # float32 inputs: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) spills on sm_90.
 _DOT_PREC = "tf32x3"
-# Tokens per program and warps (module-level so benchmarks can sweep them): 16-bit inputs, float32 inputs.
-CONFIG = {"block_s": 64, "num_warps": 4, "block_s_f32": 16, "num_warps_f32": 4}
+# Tokens per block and warps (module-level so benchmarks can sweep them): 16-bit inputs, float32 inputs; blocks per
+# program ("tiles": 1 = one block each, as measured so far; more re-use the rotation's columns from L1).
+CONFIG = {"block_s": 64, "num_warps": 4, "block_s_f32": 16, "num_warps_f32": 4, "tiles": 1}
 _HALF_PI: dict = {}  # (data_ptr, device) -> (rotation, fp16 copy)
 
 
@@ -118,24 +119,23 @@ def _store_chunks(out_rows, stride_pd, smask, a0, a1, a2, a3, START: tl.constexp
 
 
 @triton.jit
-def _compress_tile(
+def _compress_block(
     x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
     mean_ptr, stride_mb, stride_mh, stride_md,
     pi_ptr, stride_pr, stride_pc,
     bnd_ptr,
     pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
     nrm_ptr, stride_nb, stride_nh, stride_nn,
-    H, S, offset, off_ptr, stride_ob,
+    H, S, offset, off_ptr, stride_ob, blk,
     BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DP: tl.constexpr, UP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
     OFFSET_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """Compress BLOCK_S tokens (tile program_id(0)) of one (batch, head) (program_id(1)); see _tq_compress_kernel."""
-    pid_s = tl.program_id(0)
+    """Compress the BLOCK_S tokens of token block `blk` of one (batch, head) (program_id(1))."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = s < S
     d = tl.arange(0, HEAD_DP)
     dmask = d < HEAD_DIM
@@ -190,6 +190,36 @@ def _compress_tile(
             _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, (BITS & 6) * HEAD_DIM // 8, 1, U, UP)
 
 
+@triton.jit
+def _compress_tile(
+    x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
+    mean_ptr, stride_mb, stride_mh, stride_md,
+    pi_ptr, stride_pr, stride_pc,
+    bnd_ptr,
+    pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
+    nrm_ptr, stride_nb, stride_nh, stride_nn,
+    H, S, offset, off_ptr, stride_ob,
+    BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DP: tl.constexpr, UP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
+    OFFSET_ON_DEVICE: tl.constexpr,
+    TILES: tl.constexpr,
+):  # fmt: skip
+    """Token blocks program_id(0) * TILES ... + TILES - 1 of one (batch, head): one program walks TILES blocks, so
+    the rotation's columns are read from L2 once and from L1 after (see _tq_compress_kernel)."""
+    if TILES == 1:  # no loop: the code measured on the GPU so far
+        _compress_block(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, mean_ptr, stride_mb, stride_mh, stride_md,
+                        pi_ptr, stride_pr, stride_pc, bnd_ptr, pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
+                        nrm_ptr, stride_nb, stride_nh, stride_nn, H, S, offset, off_ptr, stride_ob, tl.program_id(0),
+                        BITS, WMIN, P_C, U, HEAD_DIM, HEAD_DP, UP, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
+    else:
+        for i in range(TILES):
+            _compress_block(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, mean_ptr, stride_mb, stride_mh,
+                            stride_md, pi_ptr, stride_pr, stride_pc, bnd_ptr, pk_ptr, stride_pb, stride_ph, stride_pn,
+                            stride_pd, nrm_ptr, stride_nb, stride_nh, stride_nn, H, S, offset, off_ptr, stride_ob,
+                            tl.program_id(0) * TILES + i, BITS, WMIN, P_C, U, HEAD_DIM, HEAD_DP, UP, BLOCK_S,
+                            DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["offset"])
 def _tq_compress_kernel(
     x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
@@ -207,7 +237,7 @@ def _tq_compress_kernel(
     BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, UP: tl.constexpr,
     BITS2: tl.constexpr, WMIN2: tl.constexpr, P_C2: tl.constexpr, U2: tl.constexpr, UP2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
-    OFFSET_ON_DEVICE: tl.constexpr, PAIR: tl.constexpr,
+    OFFSET_ON_DEVICE: tl.constexpr, PAIR: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
     """Compress BLOCK_S tokens of one (batch, head): of x (program_id(2) == 0) or, with PAIR, of x2 (== 1; keys
     and values in one launch, each with its own mean, boundaries, bits and store; one rotation).
@@ -224,18 +254,19 @@ def _tq_compress_kernel(
     WMIN: the narrowest plane's width; P_C = 8 / WMIN sub-slices of U = HEAD_DIM * WMIN / 8 coordinates (= the
     narrowest plane's bytes; padded to UP). Token s goes to position offset + s, where offset is the host int
     or, with OFFSET_ON_DEVICE, off[b] (read on the device: a CUDA graph replays it with the value of the moment).
-    Grid (cdiv(S, BLOCK_S), B * H, 2 if PAIR else 1).
+    Grid (cdiv(S, BLOCK_S * TILES), B * H, 2 if PAIR else 1): each program walks TILES blocks of BLOCK_S tokens.
     """
     if not PAIR or tl.program_id(2) == 0:
         _compress_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, mean_ptr, stride_mb, stride_mh, stride_md,
                        pi_ptr, stride_pr, stride_pc, bnd_ptr, pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
                        nrm_ptr, stride_nb, stride_nh, stride_nn, H, S, offset, off_ptr, stride_ob, BITS, WMIN, P_C, U,
-                       HEAD_DIM, HEAD_DP, UP, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
+                       HEAD_DIM, HEAD_DP, UP, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE, TILES)  # fmt: skip
     else:
         _compress_tile(x2_ptr, stride_x2b, stride_x2h, stride_x2s, stride_x2d, mean2_ptr, stride_m2b, stride_m2h,
                        stride_m2d, pi_ptr, stride_pr, stride_pc, bnd2_ptr, pk2_ptr, stride_p2b, stride_p2h, stride_p2n,
                        stride_p2d, nrm2_ptr, stride_n2b, stride_n2h, stride_n2n, H, S, offset, off_ptr, stride_ob,
-                       BITS2, WMIN2, P_C2, U2, HEAD_DIM, HEAD_DP, UP2, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
+                       BITS2, WMIN2, P_C2, U2, HEAD_DIM, HEAD_DP, UP2, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE,
+                       TILES)  # fmt: skip
 
 
 def _half_rotation(rotation: torch.Tensor) -> torch.Tensor:
@@ -327,6 +358,7 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
     if interpreting():
         block_s = 16
     block_s = min(block_s, max(16, next_pow2(seq)))
+    tiles = max(1, min(CONFIG["tiles"], _cdiv(seq, block_s)))
     if hdp > 128:
         warps = max(warps, 8)
     args, geo = [], {}
@@ -335,9 +367,10 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
         g = _geometry(bits, d)
         geo.update(g if i == 0 else {f"{k}2": v for k, v in g.items()})
     off_args = (offset, offset.stride(0) if offset.shape[0] > 1 else 0) if on_device else (parts[0][5], 0)
-    _tq_compress_kernel[(_cdiv(seq, block_s), bsz * heads, len(parts))](
+    _tq_compress_kernel[(_cdiv(seq, block_s * tiles), bsz * heads, len(parts))](
         *args, pi, *pi.stride(), heads, seq, 0 if on_device else offset, *off_args, **geo, HEAD_DIM=d, HEAD_DP=hdp,
-        BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device, PAIR=len(parts) == 2, num_warps=warps,
+        BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device, PAIR=len(parts) == 2, TILES=tiles,
+        num_warps=warps,
     )  # fmt: skip
 
 
