@@ -119,78 +119,6 @@ def _store_chunks(out_rows, stride_pd, smask, a0, a1, a2, a3, START: tl.constexp
 
 
 @triton.jit
-def _compress_block(
-    x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
-    mean_ptr, stride_mb, stride_mh, stride_md,
-    pi_ptr, stride_pr, stride_pc,
-    bnd_ptr,
-    pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
-    nrm_ptr, stride_nb, stride_nh, stride_nn,
-    H, S, offset, off_ptr, stride_ob, blk,
-    BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DP: tl.constexpr, UP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
-    OFFSET_ON_DEVICE: tl.constexpr,
-):  # fmt: skip
-    """Compress the BLOCK_S tokens of token block `blk` of one (batch, head) (program_id(1))."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = s < S
-    d = tl.arange(0, HEAD_DP)
-    dmask = d < HEAD_DIM
-    s64 = s.to(tl.int64)
-    x = tl.load(x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + (s64 * stride_xs)[:, None]
-                + (d * stride_xd)[None, :], mask=smask[:, None] & dmask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    mu = tl.load(mean_ptr + b * stride_mb + h * stride_mh + d * stride_md, mask=dmask, other=0.0)
-    r = tl.where(dmask[None, :], x - mu[None, :], 0.0)
-    nrm = tl.sqrt(tl.sum(r * r, axis=1))
-    unit = (r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]).to(pi_ptr.dtype.element_ty)
-    if OFFSET_ON_DEVICE:
-        pos = tl.load(off_ptr + b * stride_ob).to(tl.int64) + s64
-    else:
-        pos = offset + s64
-    tl.store(nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn, nrm, mask=smask)
-    out_rows = pk_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + (pos * stride_pn)[:, None]
-
-    j = tl.arange(0, UP)
-    jm = j < U
-    # byte chunks of each plane: 4-bit plane (up to 4 chunks), 2-bit (up to 2), 1-bit and 8-bit (1)
-    z = tl.zeros([BLOCK_S, UP], dtype=tl.int32)
-    c40, c41, c42, c43 = z, z, z, z
-    c20, c21, c22, c23 = z, z, z, z
-    c10, c11, c12, c13 = z, z, z, z
-    for t in tl.static_range(P_C):
-        # y[:, j] = unit @ Pi[t U + j, :]^T, i.e. rotated coordinates t U + j
-        pit = tl.load(pi_ptr + ((t * U + j) * stride_pr)[None, :] + (d * stride_pc)[:, None],
-                      mask=dmask[:, None] & jm[None, :], other=0.0)  # fmt: skip
-        y = tl.dot(unit, pit, input_precision=DOT_PREC)
-        idx = _quantize(y, bnd_ptr, BITS)
-        if BITS == 8:
-            c10 = idx
-        else:
-            if (BITS & 4) != 0:
-                c40, c41, c42, c43 = _acc_field(c40, c41, c42, c43, (idx & 15) << (4 * (t // (4 // WMIN))),
-                                                t % (4 // WMIN))  # fmt: skip
-            if (BITS & 2) != 0:
-                c20, c21, c22, c23 = _acc_field(c20, c21, c22, c23,
-                                                ((idx >> (BITS & 4)) & 3) << (2 * (t // (2 // WMIN))),
-                                                t % (2 // WMIN))  # fmt: skip
-            if (BITS & 1) != 0:
-                c10, c11, c12, c13 = _acc_field(c10, c11, c12, c13, ((idx >> (BITS & 6)) & 1) << t, 0)
-    if BITS == 8:
-        _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, 0, 1, U, UP)
-    else:
-        if (BITS & 4) != 0:
-            _store_chunks(out_rows, stride_pd, smask, c40, c41, c42, c43, 0, 4 // WMIN, U, UP)
-        if (BITS & 2) != 0:
-            _store_chunks(out_rows, stride_pd, smask, c20, c21, c22, c23, (BITS & 4) * HEAD_DIM // 8, 2 // WMIN, U,
-                          UP)  # fmt: skip
-        if (BITS & 1) != 0:
-            _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, (BITS & 6) * HEAD_DIM // 8, 1, U, UP)
-
-
-@triton.jit
 def _compress_tile(
     x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
     mean_ptr, stride_mb, stride_mh, stride_md,
@@ -204,20 +132,66 @@ def _compress_tile(
     OFFSET_ON_DEVICE: tl.constexpr,
     TILES: tl.constexpr,
 ):  # fmt: skip
-    """Token blocks program_id(0) * TILES ... + TILES - 1 of one (batch, head): one program walks TILES blocks, so
-    the rotation's columns are read from L2 once and from L1 after (see _tq_compress_kernel)."""
-    if TILES == 1:  # no loop: the code measured on the GPU so far
-        _compress_block(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, mean_ptr, stride_mb, stride_mh, stride_md,
-                        pi_ptr, stride_pr, stride_pc, bnd_ptr, pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
-                        nrm_ptr, stride_nb, stride_nh, stride_nn, H, S, offset, off_ptr, stride_ob, tl.program_id(0),
-                        BITS, WMIN, P_C, U, HEAD_DIM, HEAD_DP, UP, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
-    else:
-        for i in range(TILES):
-            _compress_block(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, mean_ptr, stride_mb, stride_mh,
-                            stride_md, pi_ptr, stride_pr, stride_pc, bnd_ptr, pk_ptr, stride_pb, stride_ph, stride_pn,
-                            stride_pd, nrm_ptr, stride_nb, stride_nh, stride_nn, H, S, offset, off_ptr, stride_ob,
-                            tl.program_id(0) * TILES + i, BITS, WMIN, P_C, U, HEAD_DIM, HEAD_DP, UP, BLOCK_S,
-                            DOT_PREC, OFFSET_ON_DEVICE)  # fmt: skip
+    """Token blocks program_id(0) * TILES ... + TILES - 1 (BLOCK_S tokens each) of one (batch, head) (program_id(1)):
+    one program walks TILES blocks, so the rotation's columns come from L2 once and from L1 after."""
+    for i in range(TILES):
+        blk = tl.program_id(0) * TILES + i
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = s < S
+        d = tl.arange(0, HEAD_DP)
+        dmask = d < HEAD_DIM
+        s64 = s.to(tl.int64)
+        x_rows = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + (s64 * stride_xs)[:, None]
+        x = tl.load(x_rows + (d * stride_xd)[None, :], mask=smask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + b * stride_mb + h * stride_mh + d * stride_md, mask=dmask, other=0.0)
+        r = tl.where(dmask[None, :], x - mu[None, :], 0.0)
+        nrm = tl.sqrt(tl.sum(r * r, axis=1))
+        unit = (r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]).to(pi_ptr.dtype.element_ty)
+        if OFFSET_ON_DEVICE:
+            pos = tl.load(off_ptr + b * stride_ob).to(tl.int64) + s64
+        else:
+            pos = offset + s64
+        tl.store(nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn, nrm, mask=smask)
+        out_rows = pk_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + (pos * stride_pn)[:, None]
+
+        j = tl.arange(0, UP)
+        jm = j < U
+        # byte chunks of each plane: 4-bit plane (up to 4 chunks), 2-bit (up to 2), 1-bit and 8-bit (1)
+        z = tl.zeros([BLOCK_S, UP], dtype=tl.int32)
+        c40, c41, c42, c43 = z, z, z, z
+        c20, c21, c22, c23 = z, z, z, z
+        c10, c11, c12, c13 = z, z, z, z
+        for t in tl.static_range(P_C):
+            # y[:, j] = unit @ Pi[t U + j, :]^T, i.e. rotated coordinates t U + j
+            pit = tl.load(pi_ptr + ((t * U + j) * stride_pr)[None, :] + (d * stride_pc)[:, None],
+                          mask=dmask[:, None] & jm[None, :], other=0.0)  # fmt: skip
+            y = tl.dot(unit, pit, input_precision=DOT_PREC)
+            idx = _quantize(y, bnd_ptr, BITS)
+            if BITS == 8:
+                c10 = idx
+            else:
+                if (BITS & 4) != 0:
+                    c40, c41, c42, c43 = _acc_field(c40, c41, c42, c43, (idx & 15) << (4 * (t // (4 // WMIN))),
+                                                    t % (4 // WMIN))  # fmt: skip
+                if (BITS & 2) != 0:
+                    c20, c21, c22, c23 = _acc_field(c20, c21, c22, c23,
+                                                    ((idx >> (BITS & 4)) & 3) << (2 * (t // (2 // WMIN))),
+                                                    t % (2 // WMIN))  # fmt: skip
+                if (BITS & 1) != 0:
+                    c10, c11, c12, c13 = _acc_field(c10, c11, c12, c13, ((idx >> (BITS & 6)) & 1) << t, 0)
+        if BITS == 8:
+            _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, 0, 1, U, UP)
+        else:
+            if (BITS & 4) != 0:
+                _store_chunks(out_rows, stride_pd, smask, c40, c41, c42, c43, 0, 4 // WMIN, U, UP)
+            if (BITS & 2) != 0:
+                _store_chunks(out_rows, stride_pd, smask, c20, c21, c22, c23, (BITS & 4) * HEAD_DIM // 8, 2 // WMIN, U,
+                              UP)  # fmt: skip
+            if (BITS & 1) != 0:
+                _store_chunks(out_rows, stride_pd, smask, c10, c11, c12, c13, (BITS & 6) * HEAD_DIM // 8, 1, U, UP)
 
 
 @triton.jit(do_not_specialize=["offset"])
