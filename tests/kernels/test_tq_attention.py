@@ -183,6 +183,22 @@ def test_additive_mask_full_shape(device):
     _run_dense(device, b, hq, hkv, sq, nc, se, d, 4, 4, False, F16, mask=mask.half())
 
 
+@pytest.mark.parametrize("sq", [1, 3])
+def test_masks_shared_by_every_row(device, sq):
+    """A mask whose head and query strides are 0 ([B, 1, 1, N], broadcast: decode with padding) is read once per
+    tile for all rows of a program (MASK_MODE 3 / 4): bool and additive, against the reference."""
+    b, hq, hkv, nc, d = 2, 4, 2, 41, 64
+    g = _gen(12)
+    add = torch.randn(b, 1, 1, nc + sq, generator=g)
+    add[1, :, :, :6] = float("-inf")
+    keep = torch.rand(b, 1, 1, nc + sq, generator=g) > 0.3
+    keep[..., -1] = True
+    for mask in (add.expand(b, 1, sq, nc + sq).to(device), keep.expand(b, 1, sq, nc + sq).to(device)):
+        _run_dense(device, b, hq, hkv, sq, nc, sq, d, 4, 4, sq > 1, F32, mask=mask)
+        _run_dense(device, b, hq, hkv, sq, nc, sq, d, 4, 3, False, F16, mask=mask if mask.dtype == torch.bool
+                   else mask.half())  # fmt: skip
+
+
 def test_additive_mask_with_finfo_min(device):
     """transformers' additive masks use torch.finfo(float32).min: scaled by log2(e) it would overflow to -inf.
     Partly masked rows must match the reference, and a row masked everywhere by finfo.min gives PyTorch's equal
@@ -510,7 +526,7 @@ A._tuned_attn_kernel = lambda: Capture(attn, tuned=True)
 A._tq_attn_kernel = Capture(attn)  # the decode sub-tile path launches with a fixed config
 C._tq_compress_kernel = Capture(C._tq_compress_kernel)
 for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [
-    (1, 32, 8, 1, 4096, 1, 128, 4, 4, torch.float16, False, False, None),  # decode: the one-warp sub-tile path
+    (1, 32, 8, 1, 4096, 1, 128, 4, 4, torch.float16, False, False, torch.zeros(1, 1, 1, 4097)),  # decode, sub-tile
     (2, 28, 4, 4, 512, 4, 96, 3, 2, torch.bfloat16, True, True, None),
     (1, 8, 2, 40, 512, 40, 64, 2, 4, torch.float32, True, False, torch.zeros(1, 1, 40, 552)),
     (4, 32, 8, 1, 512, 1, 128, 4, 4, torch.bfloat16, True, False, None),  # sub-tile again, bf16, causal

@@ -426,7 +426,9 @@ def _masked_scores(sc, col, cmask, last, rmask, mask_ptr, m_row, stride_mk, CAUS
                    MASK_MODE: tl.constexpr):  # fmt: skip
     """Scores [BLOCK_M, BLOCK_N] with every invisible key at -inf: keys outside cmask, (CAUSAL) columns after
     `last` (the last visible column of each row, bottom-right over the whole key sequence), and the attention
-    mask (MASK_MODE 1 bool, 2 additive in base 2) read at columns `col` of [compressed, exact] order."""
+    mask read at columns `col` of [compressed, exact] order. MASK_MODE 1 bool, 2 additive (in base 2): one mask
+    row per query row (m_row [BLOCK_M]); 3 / 4 the same when every row of the program reads the same mask row
+    (m_row a scalar: a [B, 1, 1, N] decode mask broadcast over heads), loaded once as [BLOCK_N]."""
     valid = cmask[None, :]
     if CAUSAL:
         valid = valid & (col[None, :] <= last[:, None])
@@ -434,11 +436,17 @@ def _masked_scores(sc, col, cmask, last, rmask, mask_ptr, m_row, stride_mk, CAUS
         mv = tl.load(mask_ptr + m_row[:, None] + (col.to(tl.int64) * stride_mk)[None, :],
                      mask=rmask[:, None] & cmask[None, :], other=0)  # fmt: skip
         valid = valid & (mv != 0)
+    if MASK_MODE == 3:
+        mv = tl.load(mask_ptr + m_row + col.to(tl.int64) * stride_mk, mask=cmask, other=0)
+        valid = valid & (mv != 0)[None, :]
     sc = tl.where(valid, sc, float("-inf"))
     if MASK_MODE == 2:
         mv = tl.load(mask_ptr + m_row[:, None] + (col.to(tl.int64) * stride_mk)[None, :],
                      mask=rmask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
         sc = sc + _mask_bias(mv)
+    if MASK_MODE == 4:
+        mv = tl.load(mask_ptr + m_row + col.to(tl.int64) * stride_mk, mask=cmask, other=0.0)
+        sc = sc + _mask_bias(mv)[None, :]
     return sc
 
 
@@ -557,7 +565,8 @@ def _tq_attn_kernel(
     sl    [B] int32 contiguous: compressed tokens per sequence        (PAGED only; dense: n_comp)
     ke/ve [B, Hkv, Se, D]             query dtype   strides (stride_ke*, stride_ve*)   (read when se_len > 0)
     mask  [B, Hq, Sq, Nc + Se] expanded view, uint8 (bool, 1 = attend) or additive float
-          strides (stride_mb, stride_mh, stride_mq, stride_mk)         (read when MASK_MODE != 0)
+          strides (stride_mb, stride_mh, stride_mq, stride_mk)         (read when MASK_MODE != 0; modes 3 / 4:
+          stride_mh == 0 and (Sq == 1 or stride_mq == 0), one row per batch row)
     qr    float32 [B*Hkv, MP, HEAD_DP] rotated query rows, qm float32 [B*Hkv, MP] (_tq_qrot_kernel), contiguous
     ws    float32 workspace, contiguous: acc [B*Hkv, NS, MP, HEAD_DP] (unnormalised; splits < NS_C in the rotated
           space, the others in the original space), then m [B*Hkv, NS, MP] (running max, base 2), then
@@ -585,7 +594,9 @@ def _tq_attn_kernel(
         nc = n_comp
     s_max = tl.max(tl.where(rmask, s, 0), axis=0)
     q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + s.to(tl.int64) * stride_qs
-    if MASK_MODE != 0:
+    if MASK_MODE >= 3:  # one mask row for the whole program (head and query strides 0, or Sq = 1)
+        m_row = b.to(tl.int64) * stride_mb
+    elif MASK_MODE != 0:
         m_row = b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + s.to(tl.int64) * stride_mq
     else:
         m_row = q_off  # unused
@@ -1328,6 +1339,8 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         mstr = mask_t.stride()
     else:
         mask_mode, mask_t, mstr = _MASK_ADD, mask, mask.stride()
+    if mask is not None and mstr[1] == 0 and (sq == 1 or mstr[2] == 0):
+        mask_mode += 2  # the same mask row for every query row of a batch row: loaded once per tile
     if paged:
         bt, bt_str, sl, page = block_table, block_table.stride(), seq_lens, kp.shape[2]
     else:
