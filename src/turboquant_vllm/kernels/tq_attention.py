@@ -19,9 +19,9 @@ in the rotated space: ``acc_rot = sum_n p_n v_norm_n centroids_v[vidx_n]``; the 
 is ``acc_rot @ Pi + (sum_n p_n) * v_mean``. The exact segment is attended in the original space.
 
 Pipeline: 3 launches for any call, decode included.
-  0. ``_tq_qrot_kernel``   grid (row blocks, column blocks, B*Hkv): ``q_rot = scale * log2(e) * q @ Pi.T`` and
-     ``scale * log2(e) * <q, k_mean>`` once per call (tl.dot, tf32 / 3xTF32 for float32), float32, into the
-     front of the workspace allocation. No split program reads Pi.
+  0. ``_tq_qrot_kernel``   grid (blocks of 64 of the B*Hkv*G*Sq query rows, column blocks):
+     ``q_rot = scale * log2(e) * q @ Pi.T`` and ``scale * log2(e) * <q, k_mean>`` once per call (tl.dot, tf32 /
+     3xTF32 for float32), float32, in the workspace allocation after the partials. No split program reads Pi.
   1. ``_tq_attn_kernel``   grid (row blocks, NS_C + NS_E, B*Hkv): flash-decoding. Program (mb, split, bh)
      takes BLOCK_M query rows of the whole GQA group of kv head bh (rows r = g * Sq + s), so every
      compressed tile is read once per group.
