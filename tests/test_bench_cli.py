@@ -90,3 +90,18 @@ def test_generate_smoke_runs_end_to_end(tmp_path, capsys):
     assert "TARGET" in stdout and "CHECK" in stdout
     # the compact table comes last
     assert stdout.rstrip().splitlines()[-1].startswith(("total time", "NOTE", "ERRORS", "SMOKE", "TARGET"))
+
+
+def test_graph_capture_keeps_the_eager_mask_rule():
+    """generate.py --graphs: while capturing, transformers must skip the causal mask without padding, as eager
+    decode does (older transformers treat stream capture as tracing even without a padding mask); the library
+    function is restored after."""
+    import torch
+    from transformers import masking_utils
+
+    script = bench.load_script(bench.find_script("generate"))
+    original = masking_utils.is_tracing
+    with script._eager_mask_rule():
+        assert masking_utils.is_tracing(None) is False
+        assert masking_utils.is_tracing(torch.ones(1)) == original(torch.ones(1))
+    assert masking_utils.is_tracing is original
