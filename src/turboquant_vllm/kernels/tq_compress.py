@@ -336,7 +336,8 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
     if hdp > 128:
         warps = max(warps, 8)
     args, geo = [], {}
-    for i, (t, mean, bnd, bits, pk, nr) in enumerate(parts + parts[:1] if len(parts) == 1 else parts):
+    slots = parts if len(parts) == 2 else parts * 2  # a single part fills both kernel slots (the second unread)
+    for i, (t, mean, bnd, bits, pk, nr) in enumerate(slots):
         args += [t, *t.stride(), mean, *mean.stride(), bnd.contiguous(), pk, *pk.stride(), nr, *nr.stride()]
         g = _geometry(bits, d)
         geo.update(g if i == 0 else {f"{k}2": v for k, v in g.items()})
