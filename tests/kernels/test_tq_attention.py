@@ -268,6 +268,21 @@ def test_split_heuristic_is_shape_derived():
     assert tqa._num_splits(512, 1024, 132, 128) == 1  # chunked prefill: enough row blocks already
 
 
+@pytest.mark.parametrize("b,tokens", [(16, 32768), (1, 131072), (64, 32768), (16, 4096)])
+def test_exact_token_does_not_add_a_wave(monkeypatch, b, tokens):
+    """The one exact token of a decode step must not change the compressed split count, and the compressed
+    programs of the sub-tile path fit in one wave of 8 resident one-warp programs on 132 SMs when the shape
+    allows (measured on the H100: a 9th split per row at 16 x 32K cost +58%)."""
+    monkeypatch.setattr(tqa, "_num_sms", lambda i: 132)
+    dev, bh = torch.device("cuda", 0), b * 8
+    chunk, ns_c, ns_e = tqa._splits(bh, tokens, 1, None, dev, False, 16, tqa._DECODE_RESIDENT)
+    chunk0, ns_c0, ns_e0 = tqa._splits(bh, tokens, 0, None, dev, False, 16, tqa._DECODE_RESIDENT)
+    assert (ns_e, ns_e0) == (1, 0) and ns_c == ns_c0 and chunk == chunk0
+    assert ns_c * chunk >= tokens and chunk % 128 == 0
+    if bh <= 132 * tqa._DECODE_RESIDENT:
+        assert bh * ns_c <= 132 * tqa._DECODE_RESIDENT, (bh, ns_c)
+
+
 def test_pytorch_path_matches_kernel(device, monkeypatch):
     b, hq, hkv, sq, nc, se, d = 2, 4, 2, 3, 30, 3, 64
     kv = make_kv(b, hkv, nc, d, 3, 4, device)

@@ -60,8 +60,8 @@ Pipeline: 3 launches for any call, decode included.
      divides by l, writes ``[B, Sq, Hq, D]`` (any strides) in the query dtype.
   Decode (G * Sq <= 128 rows; 64 for head_dim 256, 32 for float32) uses one row block and splits the KV length over
   programs (``_num_splits``: enough programs for ~8 resident one-warp programs per SM on the sub-tile path, ~2
-  otherwise, in one wave where possible, chunk >= 128 tokens; the exact segment's splits count as programs). The
-  split count
+  otherwise, in one wave where possible, chunk >= 128 tokens, sized for the compressed tokens). The split
+  count
   comes from host-side numbers only: B*Hkv, the SM count and the token bound (``kv.length``, a host int,
   in the dense path; ``max_blocks * block_size`` in the paged path, whose per-sequence lengths are read
   on the device). No ``.item()``, ``.tolist()`` or other host sync in the launch path: the paged call is
@@ -1208,9 +1208,8 @@ def _shape_plan(hq: int, sq: int, d: int, hkv: int, dtype: torch.dtype, interp: 
 
 
 @functools.lru_cache(maxsize=4096)
-def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, resident: int = 2, extra: int = 0) -> int:
-    """Splits of the compressed token range for `programs` (B*Hkv*row blocks) and `chunks` (tokens / _MIN_CHUNK);
-    `extra`: splits per program row that walk the exact segment (they take program slots too).
+def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, resident: int = 2) -> int:
+    """Splits of the compressed token range for `programs` (B*Hkv*row blocks) and `chunks` (tokens / _MIN_CHUNK).
 
     Model: an SM holding k programs takes k / resident * (chunks / ns + overhead) once it holds >= `resident`
     programs (fewer cannot keep enough loads in flight, and run no faster); the overhead of a split grows with
@@ -1219,7 +1218,7 @@ def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, residen
     overhead = _SPLIT_OVERHEAD + block_m / 16
     best, best_cost = 1, float("inf")
     for ns in range(1, min(chunks, _MAX_SPLITS) + 1):
-        k = -(-programs * (ns + extra) // sms)
+        k = -(-programs * ns // sms)
         cost = max(k, resident) / resident * (-(-chunks // ns) + overhead)
         if cost < best_cost:
             best, best_cost = ns, cost
@@ -1228,9 +1227,10 @@ def _num_splits(programs: int, chunks: int, sms: int, block_m: int = 16, residen
 
 def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, interp: bool, block_m: int,
             resident: int = 2):  # fmt: skip
-    """(chunk, NS_C, NS_E) from host-side numbers only. The chunk is sized for the compressed tokens (the exact
-    segment, at most a window of recent tokens at decode, takes ceil(Se / chunk) more splits): sizing it for
-    both put one more split on every row at 1 exact token and spilled 16 x 32K decode into a second wave."""
+    """(chunk, NS_C, NS_E) from host-side numbers only. The chunk is sized for the compressed tokens alone; the
+    exact segment (at decode one new token, or a window of recent ones) takes ceil(Se / chunk) more splits, short
+    programs left out of the cost model. Sizing the chunk for both put one more compressed split on every row at
+    one exact token and spilled 16 x 32K decode into a second wave (+58%, H100)."""
     align = 16 if interp else _MIN_CHUNK
     base = max(1, max_tokens) if max_tokens > 0 else max(1, se)
     if num_kv_splits is not None:
@@ -1240,8 +1240,7 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
     elif interp:
         want = _cdiv(16, programs)
     else:
-        extra = 1 if se and max_tokens > 0 else 0
-        want = _num_splits(programs, _cdiv(base, align), _num_sms(device.index or 0), block_m, resident, extra)
+        want = _num_splits(programs, _cdiv(base, align), _num_sms(device.index or 0), block_m, resident)
     want = max(1, min(want, _cdiv(base, align)))
     chunk = _cdiv(_cdiv(base, want), align) * align
     return chunk, max(1, _cdiv(max_tokens, chunk)), _cdiv(se, chunk)
