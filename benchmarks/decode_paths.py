@@ -145,17 +145,17 @@ def time_shape(b, n, hkv, d, kb, vb) -> str:
         return f"{label}: {t:.4f} ({base / t:.2f}x {nbytes / (t * 1e-3) / BW * 100:.0f}%)"
 
     row = [f"B{b} N{n} Hkv{hkv} d{d} K{kb}V{vb}: sdpa {base:.4f}", timed("auto")]
-    saved = tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS
+    saved = tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE = _FixedJoined, False
     row.append(timed("joined"))
-    tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved[0], True, 0, 0
+    tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE = saved[0], True
     for cfg in SUBTILE_CONFIGS:
         tqa.DECODE_CONFIG = cfg
         row.append(timed(f"sub {cfg[0]},{cfg[2]}"))
     tqa.DECODE_CONFIG = None
     if b * hkv < 32:  # few programs: the split count decides
         row += [timed(f"sub/{ns}", ns) for ns in (64, 128)]
-    tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE, tqa._SUBTILE_MIN_WORK, tqa._SUBTILE_MIN_HEADS = saved
+    tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE = saved
     return " | ".join(row)
 
 

@@ -1082,8 +1082,6 @@ SHUFFLE_GATHER = True
 SUBTILE_DECODE = True  # decode (<= 16 query rows per program): the sub-tile path with one warp per program
 DECODE_CONFIG: tuple[int, int, int] | None = None  # (BLOCK_N, num_warps, num_stages) override of the sub-tile path
 DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice, measured best)
-_SUBTILE_MIN_WORK = 0  # compressed token-heads (B * Hkv * tokens) from which the sub-tile path is taken
-_SUBTILE_MIN_HEADS = 0  # and B * Hkv (the H100 measurements of 2026-11-25 favour it at every decode shape)
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
 _SPLIT_OVERHEAD = 1  # fixed cost of one program (its query rows, partials, ramp-up), in units of _MIN_CHUNK tokens
@@ -1232,7 +1230,7 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
     programs left out of the cost model. Sizing the chunk for both put one more compressed split on every row at
     one exact token and spilled 16 x 32K decode into a second wave (+58%, H100)."""
     align = 16 if interp else _MIN_CHUNK
-    base = max(1, max_tokens) if max_tokens > 0 else max(1, se)
+    base = max_tokens if max_tokens > 0 else max(1, se)
     if num_kv_splits is not None:
         want = int(num_kv_splits)
         if want < 1:
@@ -1279,15 +1277,11 @@ def _decode_config(hdp: int, rows: int) -> tuple[int, int, int]:
     return (32, 1, 2) if hdp > 128 else (32, 1, 3)
 
 
-def _use_subtile(block_m: int, dtype: torch.dtype, bh: int, max_tokens: int, interp: bool) -> bool:
-    """The sub-tile path for decode-sized row blocks in 16-bit (float32 and bigger row blocks spill with one warp;
-    the interpreter takes it for float32 too, so that the CPU tests cover it) with enough work to hide one warp's
-    latency (_SUBTILE_MIN_WORK compressed token-heads, B * Hkv >= _SUBTILE_MIN_HEADS; measured on the H100)."""
-    if not SUBTILE_DECODE or block_m > 16:
-        return False
-    if interp:
-        return True
-    return dtype != torch.float32 and bh * max_tokens >= _SUBTILE_MIN_WORK and bh >= _SUBTILE_MIN_HEADS
+def _use_subtile(block_m: int, dtype: torch.dtype, interp: bool) -> bool:
+    """The sub-tile path for decode-sized row blocks in 16-bit, at every batch and length (the H100 measurements
+    of 2026-11-25 favour it at every decode shape once the rotation left the split programs). float32 and bigger
+    row blocks spill with one warp; the interpreter takes it for float32 too, so that the CPU tests cover it."""
+    return SUBTILE_DECODE and block_m <= 16 and (interp or dtype != torch.float32)
 
 
 def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens, max_tokens,
@@ -1306,7 +1300,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     if bsz == 0 or hq == 0 or sq == 0:
         return out
     bh = bsz * hkv
-    subtile = _use_subtile(block_m, query.dtype, bh, max_tokens, interp)
+    subtile = _use_subtile(block_m, query.dtype, interp)
     resident = _DECODE_RESIDENT if subtile and not interp else 2
     chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m, resident)
     ns = ns_c + ns_e
