@@ -134,31 +134,31 @@ def _compress_tile(
 ):  # fmt: skip
     """Token blocks program_id(0) * TILES ... + TILES - 1 (BLOCK_S tokens each) of one (batch, head) (program_id(1)):
     one program walks TILES blocks, so the rotation's columns come from L2 once and from L1 after."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    d = tl.arange(0, HEAD_DP)
+    dmask = d < HEAD_DIM
+    j = tl.arange(0, UP)
+    jm = j < U
+    mu = tl.load(mean_ptr + b * stride_mb + h * stride_mh + d * stride_md, mask=dmask, other=0.0)
+    if OFFSET_ON_DEVICE:
+        base = tl.load(off_ptr + b * stride_ob).to(tl.int64)
+    else:
+        base = offset
     for i in range(TILES):
-        blk = tl.program_id(0) * TILES + i
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+        s = (tl.program_id(0) * TILES + i) * BLOCK_S + tl.arange(0, BLOCK_S)
         smask = s < S
-        d = tl.arange(0, HEAD_DP)
-        dmask = d < HEAD_DIM
         s64 = s.to(tl.int64)
         x_rows = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + (s64 * stride_xs)[:, None]
         x = tl.load(x_rows + (d * stride_xd)[None, :], mask=smask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + b * stride_mb + h * stride_mh + d * stride_md, mask=dmask, other=0.0)
         r = tl.where(dmask[None, :], x - mu[None, :], 0.0)
         nrm = tl.sqrt(tl.sum(r * r, axis=1))
         unit = (r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]).to(pi_ptr.dtype.element_ty)
-        if OFFSET_ON_DEVICE:
-            pos = tl.load(off_ptr + b * stride_ob).to(tl.int64) + s64
-        else:
-            pos = offset + s64
+        pos = base + s64
         tl.store(nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn, nrm, mask=smask)
         out_rows = pk_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + (pos * stride_pn)[:, None]
 
-        j = tl.arange(0, UP)
-        jm = j < U
         # byte chunks of each plane: 4-bit plane (up to 4 chunks), 2-bit (up to 2), 1-bit and 8-bit (1)
         z = tl.zeros([BLOCK_S, UP], dtype=tl.int32)
         c40, c41, c42, c43 = z, z, z, z
