@@ -394,7 +394,7 @@ class GenerateBench:
         return int(free - max(2 * GiB, 0.04 * total))
 
     def estimate(self, variant: str, b: int, c: int, n_layers: int) -> int:
-        t = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + self.graph_steps_n() + 1
+        t = c + self.decode_tokens()
         act = self.act_base + b * self.spec["vocab_size"] * 8
         exact_layer = b * self.hkv * t * self.d * self.elt * 2
         tq_layer = b * self.hkv * t * self.tq_bytes
@@ -437,7 +437,7 @@ class GenerateBench:
             x.fused_mode = True
         # exact caches alone: one update per layer (DynamicLayer concatenates: chunks would copy quadratically)
         chunk = c if not compressed else max(1, min(c, self.fill_chunk_elems // (b * self.hkv * self.d)))
-        reserve = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + self.graph_steps_n() + 1
+        reserve = c + self.decode_tokens()
         try:
             for i in range(n_layers):
                 for s in range(0, c, chunk):
@@ -519,7 +519,7 @@ class GenerateBench:
                     cache = DynamicCache(config=cfg)
                 elif variant == "exact_prealloc":
                     cache = DynamicCache(config=cfg)
-                    cap = c + self.warmup + self.steps + 2 * (self.args.profile or 0) + self.graph_steps_n() + 1
+                    cap = c + self.decode_tokens()
                     cache.layers = [_preallocated_layer(cap) for _ in cache.layers]
                 else:
                     cache = TurboQuantCache(cfg, bits=4)
@@ -569,6 +569,10 @@ class GenerateBench:
             del cache
             self.free()
         return row
+
+    def decode_tokens(self) -> int:
+        """Tokens a case appends after its context: warm-up, timed, profiled (twice --profile), graph steps, + 1."""
+        return self.warmup + self.steps + 2 * (self.args.profile or 0) + self.graph_steps_n() + 1
 
     def graph_steps_n(self) -> int:
         """Decode steps replayed from CUDA graphs after the eager ones (--graphs on CUDA), else 0."""
