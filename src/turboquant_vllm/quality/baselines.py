@@ -146,6 +146,12 @@ class IntGroupCodec(Codec):
         return self.d * self.vb / 8 + 4.0 * self.d / self.group
 
 
+def _centring_means(keys, values, center_keys: bool, center_values: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(batch, head) float32 means [B, H, D] of the calibration tokens, or zeros where centring is off."""
+    zeros = torch.zeros(*keys.shape[:2], keys.shape[-1], dtype=torch.float32, device=keys.device)
+    return (keys.float().mean(-2) if center_keys else zeros), (values.float().mean(-2) if center_values else zeros)
+
+
 class TurboQuantCodec(Codec):
     """TurboQuant MSE, the same arithmetic as CompressedLayer (core/kvcodec.py references)."""
 
@@ -156,9 +162,7 @@ class TurboQuantCodec(Codec):
         self.k_mean = self.v_mean = None
 
     def begin(self, keys, values):
-        zeros = torch.zeros(*keys.shape[:2], keys.shape[-1], dtype=torch.float32, device=keys.device)
-        self.k_mean = keys.float().mean(-2) if self.center_keys else zeros
-        self.v_mean = values.float().mean(-2) if self.center_values else zeros
+        self.k_mean, self.v_mean = _centring_means(keys, values, self.center_keys, self.center_values)
         self.codecs = self.codecs.to(keys.device)
 
     def _q(self, x, mean, bounds, cents, bits):
@@ -226,9 +230,7 @@ class OutlierChannelCodec(Codec):
         return order[..., : self.n].sort(-1).values, order[..., self.n :].sort(-1).values
 
     def begin(self, keys, values):
-        zeros = torch.zeros(*keys.shape[:2], keys.shape[-1], dtype=torch.float32, device=keys.device)
-        self.k_mean = keys.float().mean(-2) if self.center_keys else zeros
-        self.v_mean = values.float().mean(-2) if self.center_values else zeros
+        self.k_mean, self.v_mean = _centring_means(keys, values, self.center_keys, self.center_values)
         self.reg, self.out = self.reg.to(keys.device), self.out.to(keys.device)
         self.split = {"k": self._channels(keys.float() - self.k_mean.unsqueeze(-2)),
                       "v": self._channels(values.float() - self.v_mean.unsqueeze(-2))}  # fmt: skip
