@@ -232,8 +232,11 @@ class CompressedLayer(DynamicLayer):
             self._set_means(key_states[:, :, new_sinks:], value_states[:, :, new_sinks:])
 
         # exact segment of this step: [sinks | window | new] (the sinks are complete whenever a window exists)
-        exact_k = torch.cat([self.exact_keys, key_states], dim=-2)
-        exact_v = torch.cat([self.exact_values, value_states], dim=-2)
+        if self.exact_keys.shape[-2]:
+            exact_k = torch.cat([self.exact_keys, key_states], dim=-2)
+            exact_v = torch.cat([self.exact_values, value_states], dim=-2)
+        else:  # no sinks or window held (every token compressed): the new tokens alone
+            exact_k, exact_v = key_states, value_states
         self.attend_compressed = self.num_compressed
         self.attend_sinks = sinks_before
         ns = self.num_sinks = sinks_before + new_sinks
@@ -243,6 +246,8 @@ class CompressedLayer(DynamicLayer):
             if ns:
                 self.exact_keys = torch.cat([exact_k[:, :, :ns], exact_k[:, :, ns + overflow :]], dim=-2)
                 self.exact_values = torch.cat([exact_v[:, :, :ns], exact_v[:, :, ns + overflow :]], dim=-2)
+            elif overflow == exact_k.shape[-2]:  # nothing left exact: an empty view, no copy
+                self.exact_keys, self.exact_values = exact_k[:, :, :0], exact_v[:, :, :0]
             else:
                 self.exact_keys = exact_k[:, :, overflow:].clone()
                 self.exact_values = exact_v[:, :, overflow:].clone()

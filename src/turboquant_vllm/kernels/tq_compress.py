@@ -33,6 +33,7 @@ import triton.language as tl
 from ..core.codebook import check_bits
 from ..core.kvcodec import compress_reference
 from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
+from ._launch import Launcher
 
 __all__ = ["tq_compress", "tq_compress_kv"]
 
@@ -312,6 +313,9 @@ def _reference(x, mean, rotation, boundaries, bits, out_packed, out_norms, offse
     out_norms.permute(0, 2, 1)[rows, pos] = norms.permute(0, 2, 1)
 
 
+_COMPRESS = Launcher(_tq_compress_kernel)  # reuses the compiled kernel of an identical launch
+
+
 def _geometry(bits: int, d: int) -> dict:
     """Constexprs of one tensor: the narrowest plane's width, its sub-slices and their padded width."""
     wmin = 8 if bits == 8 else (1 if bits & 1 else 2 if bits & 2 else 4)
@@ -342,9 +346,11 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
         g = _geometry(bits, d)
         geo.update(g if i == 0 else {f"{k}2": v for k, v in g.items()})
     off_args = (offset, offset.stride(0) if offset.shape[0] > 1 else 0) if on_device else (parts[0][5], 0)
-    _tq_compress_kernel[(_cdiv(seq, block_s * tiles), bsz * heads, len(parts))](
-        *args, pi, *pi.stride(), heads, seq, 0 if on_device else offset, *off_args, **geo, HEAD_DIM=d, HEAD_DP=hdp,
-        BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device, PAIR=len(parts) == 2, TILES=tiles,
+    _COMPRESS(
+        (_cdiv(seq, block_s * tiles), bsz * heads, len(parts)),
+        (*args, pi, *pi.stride(), heads, seq, 0 if on_device else offset, *off_args),
+        dict(**geo, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device,
+             PAIR=len(parts) == 2, TILES=tiles),
         num_warps=warps,
     )  # fmt: skip
 
