@@ -71,7 +71,6 @@ def test_second_identical_launch_skips_binding(fast):
         ((torch.zeros(64), 11, 0.5), dict(BLOCK=16), dict(num_warps=4)),  # an integer's value
         ((torch.zeros(64), 10, 0.25), dict(BLOCK=16), dict(num_warps=4)),  # a float's value
         ((torch.zeros(64, dtype=torch.float16), 10, 0.5), dict(BLOCK=16), dict(num_warps=4)),  # a dtype
-        ((torch.zeros(65)[1:], 10, 0.5), dict(BLOCK=16), dict(num_warps=4)),  # a pointer off 16-byte alignment
         ((torch.zeros(64), 10, 0.5), dict(BLOCK=32), dict(num_warps=4)),  # a constexpr
         ((torch.zeros(64), 10, 0.5), dict(BLOCK=16, FLAG=False), dict(num_warps=4)),  # a defaulted constexpr
         ((torch.zeros(64), 10, 0.5), dict(BLOCK=16), dict(num_warps=8)),  # a launch option
@@ -86,8 +85,28 @@ def test_what_triton_specializes_on_goes_through_triton(fast, args, constexprs, 
     assert fn.bound[1][1][0] is args[0]
 
 
+def test_misaligned_pointer_goes_through_triton(fast):
+    fn = _Fn()
+    run = launch.Launcher(fn)
+    x = torch.zeros(65)
+    for _ in range(2):
+        run((1, 1, 1), (x, 10, 0.5), dict(BLOCK=16))
+    for _ in range(2):
+        run((1, 1, 1), (x[1:], 10, 0.5), dict(BLOCK=16))  # 4 bytes off: Triton specializes it differently
+    assert len(fn.bound) == 3 and run.hits == 1
+
+
+def test_another_call_pattern_goes_through_triton(fast):
+    fn = _Fn()
+    run = launch.Launcher(fn)
+    run((1, 1, 1), (torch.zeros(4), 10, 0.5), dict(BLOCK=16))
+    run((1, 1, 1), (torch.zeros(4), torch.zeros(4), 0.5), dict(BLOCK=16))  # a tensor where an int was
+    run((1, 1, 1), (torch.zeros(4), 10), dict(BLOCK=16, scale=0.5))  # fewer positional arguments
+    assert len(fn.bound) == 3 and run.hits == 0
+
+
 def test_disabled_always_binds(monkeypatch):
-    monkeypatch.setenv("TQ_FAST_LAUNCH", "0")
+    monkeypatch.setattr(launch, "ENABLED", False)
     assert not launch.fast_launch_enabled()
     fn = _Fn()
     run = launch.Launcher(fn)

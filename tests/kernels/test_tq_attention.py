@@ -540,7 +540,8 @@ A._tq_qrot_kernel = Capture(A._tq_qrot_kernel)
 A._tuned_attn_kernel = lambda: Capture(attn, tuned=True)
 A._tq_attn_kernel = Capture(attn)  # the decode sub-tile path launches with a fixed config
 C._tq_compress_kernel = Capture(C._tq_compress_kernel)
-os.environ["TQ_FAST_LAUNCH"] = "0"  # the Launchers hand every launch to the captures
+import turboquant_vllm.kernels._launch as L
+L.ENABLED = False  # the Launchers hand every launch to the captures
 A._QROT.fn, A._ATTN.fn, A._REDUCE.fn = A._tq_qrot_kernel, A._tq_attn_kernel, A._tq_reduce_kernel
 C._COMPRESS.fn = C._tq_compress_kernel
 for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [

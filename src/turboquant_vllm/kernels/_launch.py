@@ -3,15 +3,17 @@
 `JITFunction.run` binds and specializes every argument on every launch (~25-30 us of host time per launch on
 the H100 hosts, ~60% of an eager decode call's host cost). A decode step launches the same kernels with the
 same integers in every layer; only the tensors differ. `Launcher` keys a compiled kernel on what Triton
-specializes on (every non-tensor argument's value, every tensor's dtype and 16-byte alignment, the constexprs
-and launch options, the device): the first launch of a key goes through Triton as usual and returns the
-compiled kernel; later launches of the same key call its launcher directly ("plan once per step, run per
-layer"). Off in the interpreter, when a Triton launch hook is set (profilers), on Triton without `knobs`, or
-with TQ_FAST_LAUNCH=0.
+specializes on (every non-tensor argument's value, every tensor's dtype, the constexprs and launch options, the
+device; a pointer off 16-byte alignment takes Triton's path): the first launch of a key goes through Triton as
+usual and returns the compiled kernel; later launches of the same key call its launcher directly ("plan once per
+step, run per layer"). Off in the interpreter, when a Triton launch hook is set (profilers), on Triton without
+`knobs`, or with TQ_FAST_LAUNCH=0.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 
 import torch
@@ -21,20 +23,27 @@ from ._common import interpreting
 _MAX_ENTRIES = 1024  # keys kept per kernel (a new decode length is a new key); cleared when full
 
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # Triton < 3.4: no knobs, keep Triton's own launch path
+    _knobs = None
+
+
 def _hooks_set() -> bool:
-    try:
-        from triton import knobs
-    except ImportError:  # Triton < 3.4: no knobs, keep Triton's own launch path
+    if _knobs is None:
         return True
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
 
 
+ENABLED = os.environ.get("TQ_FAST_LAUNCH", "1") != "0"  # read once; tests and benchmarks may flip it
+
+
 def fast_launch_enabled() -> bool:
-    """True when launches may skip Triton's binding (GPU, no launch hooks, TQ_FAST_LAUNCH not 0)."""
-    return os.environ.get("TQ_FAST_LAUNCH", "1") != "0" and not interpreting() and not _hooks_set()
+    """True when launches may skip Triton's binding (ENABLED, not interpreting, no launch hooks)."""
+    return ENABLED and not interpreting() and not _hooks_set()
 
 
 def _raw_stream(device: int) -> int:
@@ -42,9 +51,7 @@ def _raw_stream(device: int) -> int:
     return get(device) if get is not None else torch.cuda.current_stream(device).cuda_stream
 
 
-def _arg_key(args: tuple) -> tuple:
-    """What Triton specializes a launch on: tensors by dtype and 16-byte alignment, the rest by value."""
-    return tuple((a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor) else a for a in args)
+_dtype_of = operator.attrgetter("dtype")
 
 
 class Launcher:
@@ -57,27 +64,48 @@ class Launcher:
 
     def __init__(self, fn):
         self.fn = fn
+        self._split = None
         self._plans: dict[tuple, tuple] = {}
         self.hits = 0  # launches that skipped Triton's binding (tests, benchmarks)
 
     def __call__(self, grid: tuple[int, int, int], args: tuple, constexprs: dict, **options):
         if not fast_launch_enabled():
             return self.fn[grid](*args, **constexprs, **options)
+        if self._split is None:  # which positions hold tensors: fixed by the kernel's signature
+            tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            other_pos = [i for i in range(len(args)) if i not in tensor_pos]
+            self._split = (len(args), _getter(tensor_pos), _getter(other_pos))
+        n_args, get_tensors, get_others = self._split
+        tensors = get_tensors(args) if len(args) == n_args else None
+        if tensors is None or not all(isinstance(t, torch.Tensor) for t in tensors):
+            return self.fn[grid](*args, **constexprs, **options)  # another call pattern: Triton's own path
+        if functools.reduce(operator.or_, map(torch.Tensor.data_ptr, tensors)) & 15:
+            return self.fn[grid](*args, **constexprs, **options)  # a pointer off 16-byte alignment: specialized
         device = torch.cuda.current_device()
-        key = (device, tuple(constexprs.items()), tuple(options.items()), _arg_key(args))
+        key = (device, tuple(map(_dtype_of, tensors)), get_others(args), tuple(constexprs.items()),
+               tuple(options.items()))  # fmt: skip
         plan = self._plans.get(key)
         if plan is None:
             kernel = self.fn[grid](*args, **constexprs, **options)
             if hasattr(kernel, "result"):  # asynchronous compilation
                 kernel = kernel.result()
-            tail = tuple(constexprs[p.name] if p.name in constexprs else p.default for p in self.fn.params[len(args) :])
+            tail = tuple(constexprs[p.name] if p.name in constexprs else p.default for p in self.fn.params[n_args:])
             if len(self._plans) >= _MAX_ENTRIES:
                 self._plans.clear()
             self._plans[key] = (kernel, tail)
             return kernel
         kernel, tail = plan
-        stream = _raw_stream(device)
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   *args, *tail)  # fmt: skip
+        kernel.run(grid[0], grid[1], grid[2], _raw_stream(device), kernel.function, kernel.packed_metadata, None,
+                   None, None, *args, *tail)  # fmt: skip
         self.hits += 1
         return kernel
+
+
+def _getter(positions: list[int]):
+    """args -> tuple of args[i] for i in positions (operator.itemgetter, always a tuple)."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
