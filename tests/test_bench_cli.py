@@ -105,3 +105,20 @@ def test_graph_capture_keeps_the_eager_mask_rule():
         assert masking_utils.is_tracing(None) is False
         assert masking_utils.is_tracing(torch.ones(1)) == original(torch.ones(1))
     assert masking_utils.is_tracing is original
+
+
+def test_generate_ratios_compare_the_same_batch_and_context():
+    """x_exact and kv_x of a row come from the exact cache of the same B and context (DynamicCache, else the
+    preallocated one), never from another case's."""
+    script = bench.load_script(bench.find_script("generate"))
+    gib = 1 << 30
+    rows = [
+        dict(variant="exact_prealloc", B=1, ctx=8, layers=4, tok_s=50.0, kv_bytes=4 * gib),
+        dict(variant="fused", B=1, ctx=8, layers=4, tok_s=40.0, kv_bytes=1 * gib),
+        dict(variant="exact_prealloc", B=16, ctx=8, layers=2, tok_s=600.0, kv_bytes=32 * gib),
+        dict(variant="exact", B=16, ctx=8, layers=2, tok_s=300.0, kv_bytes=32 * gib),
+        dict(variant="fused", B=16, ctx=8, layers=2, tok_s=900.0, kv_bytes=8 * gib),
+    ]
+    script.GenerateBench.annotate(rows)
+    assert rows[1]["x_exact"] == 40.0 / 50.0 and rows[1]["kv_x"] == 4.0
+    assert rows[4]["x_exact"] == 900.0 / 300.0 and rows[4]["kv_x"] == 4.0
