@@ -31,7 +31,7 @@ from ..core.codebook import check_bits
 from ..core.kvcodec import dequantize_reference
 from ..core.packing import check_packable_dim
 from ..core.rotation import ROTATIONS
-from ..kernels.tq_compress import tq_compress_kv
+from ..kernels.tq_compress import compress_kv_unchecked
 from ..layout import Codecs, CompressedKV, KVLayout
 
 _GROW_TOKENS = 64
@@ -211,7 +211,7 @@ class CompressedLayer(DynamicLayer):
         if need > self._capacity():
             self.reserve(-(-(need + max(_GROW_TOKENS, self._capacity() // 8)) // _GROW_TOKENS) * _GROW_TOKENS)
         c = self._codecs
-        tq_compress_kv(keys, values, self.k_mean, self.v_mean, c.rotation, c.k_boundaries, c.v_boundaries,
+        compress_kv_unchecked(keys, values, self.k_mean, self.v_mean, c.rotation, c.k_boundaries, c.v_boundaries,
                        self.layout.k_bits, self.layout.v_bits, self.k_packed, self.k_norms, self.v_packed,
                        self.v_norms, self.num_compressed)  # fmt: skip
         self.num_compressed = need

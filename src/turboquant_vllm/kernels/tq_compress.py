@@ -26,6 +26,8 @@ interpreter is on.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +37,7 @@ from ..core.kvcodec import compress_reference
 from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
 from ._launch import Launcher
 
-__all__ = ["tq_compress", "tq_compress_kv"]
+__all__ = ["compress_kv_unchecked", "tq_compress", "tq_compress_kv"]
 
 _MAX_HEAD_DIM = 256
 # float32 inputs: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) spills on sm_90.
@@ -316,6 +318,7 @@ def _reference(x, mean, rotation, boundaries, bits, out_packed, out_norms, offse
 _COMPRESS = Launcher(_tq_compress_kernel)  # reuses the compiled kernel of an identical launch
 
 
+@functools.lru_cache(maxsize=64)
 def _geometry(bits: int, d: int) -> dict:
     """Constexprs of one tensor: the narrowest plane's width, its sub-slices and their padded width."""
     wmin = 8 if bits == 8 else (1 if bits & 1 else 2 if bits & 2 else 4)
@@ -407,7 +410,16 @@ def tq_compress_kv(
         raise ValueError(
             f"keys {tuple(keys.shape)} {keys.dtype} and values {tuple(values.shape)} {values.dtype} must match"
         )
-    bsz, heads, seq, d, on_device = kp
+    compress_kv_unchecked(keys, values, k_mean, v_mean, rotation, k_boundaries, v_boundaries, k_bits, v_bits,
+                          k_packed, k_norms, v_packed, v_norms, offset)  # fmt: skip
+
+
+def compress_kv_unchecked(keys, values, k_mean, v_mean, rotation, k_boundaries, v_boundaries, k_bits: int,
+                          v_bits: int, k_packed, k_norms, v_packed, v_norms, offset) -> None:  # fmt: skip
+    """tq_compress_kv without the argument checks, for a caller that owns the buffers and has checked the new
+    tokens (CompressedLayer: its decode step's host time). Arguments as tq_compress_kv's."""
+    bsz, heads, seq, d = keys.shape
+    on_device = isinstance(offset, torch.Tensor)
     if seq == 0 or bsz == 0 or heads == 0:
         return
     if not use_triton(keys, values, k_mean, rotation, k_packed, v_packed) or d > _MAX_HEAD_DIM:
