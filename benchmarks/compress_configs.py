@@ -1,0 +1,67 @@
+"""tq_compress / tq_compress_kv over tile configs (tokens per program, warps): CUDA-graph replay medians, fp16,
+head_dim 128, 4-bit, each config checked bit-exact against the default's output first. % of the measured copy
+bandwidth on bytes read + written.
+
+    python benchmarks/compress_configs.py
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import sys
+import warnings
+
+import torch
+import triton
+import triton.testing as tt
+
+import turboquant_vllm.kernels.tq_compress as tqc
+from turboquant_vllm.layout import Codecs, KVLayout
+
+CONFIGS = [(64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (32, 4), (32, 2), (16, 2)]  # (block_s, num_warps)
+SHAPES = [(16, 2048), (1, 32768), (16, 1)]  # (B, new tokens); 8 kv heads
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.datetime.now(datetime.UTC))
+    src = torch.empty(1 << 28, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() / (tt.do_bench(lambda: dst.copy_(src), rep=100, return_mode="median") * 1e-3)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    codecs = Codecs.build(KVLayout(128, 4, 4), device="cuda")
+    default = dict(tqc.CONFIG)
+    for b, s in SHAPES:
+        k = torch.randn(b, 8, s, 128, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        kp = torch.empty(b, 8, s, 64, dtype=torch.uint8, device="cuda")
+        kn = torch.empty(b, 8, s, device="cuda")
+        vp, vn = torch.empty_like(kp), torch.empty_like(kn)
+        mean = torch.zeros(b, 8, 128, device="cuda")
+        one = functools.partial(tqc.tq_compress, k, mean, codecs.rotation, codecs.k_boundaries, 4, kp, kn, 0)
+        pair = functools.partial(tqc.tq_compress_kv, k, v, mean, mean, codecs.rotation, codecs.k_boundaries,
+                                 codecs.v_boundaries, 4, 4, kp, kn, vp, vn, 0)  # fmt: skip
+        moved = k.numel() * 2 + kp.numel() + kn.numel() * 4
+        one()
+        ref = kp.clone()
+        res = []
+        for block_s, warps in CONFIGS:
+            tqc.CONFIG.update(block_s=block_s, num_warps=warps, tiles=1)
+            kp.zero_()
+            one()
+            ok = torch.equal(kp, ref)
+            t = tt.do_bench_cudagraph(one, rep=50, return_mode="median")
+            tp = tt.do_bench_cudagraph(pair, rep=50, return_mode="median")
+            res.append(f"{block_s}/{warps}: {t:.4f} ms {100 * moved / (t * 1e-3) / bw:.0f}% pair {tp:.4f} ms "
+                       f"{200 * moved / (tp * 1e-3) / bw:.0f}% ok={ok}")  # fmt: skip
+        tqc.CONFIG.update(default)
+        print(f"B{b} S{s}: " + " | ".join(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
