@@ -76,11 +76,15 @@ class Launcher:
             other_pos = [i for i in range(len(args)) if i not in tensor_pos]
             self._split = (len(args), _getter(tensor_pos), _getter(other_pos))
         n_args, get_tensors, get_others = self._split
-        tensors = get_tensors(args) if len(args) == n_args else None
-        if tensors is None or not all(isinstance(t, torch.Tensor) for t in tensors):
-            return self.fn[grid](*args, **constexprs, **options)  # another call pattern: Triton's own path
-        if functools.reduce(operator.or_, map(torch.Tensor.data_ptr, tensors)) & 15:
-            return self.fn[grid](*args, **constexprs, **options)  # a pointer off 16-byte alignment: specialized
+        if len(args) != n_args:  # another call pattern: Triton's own path
+            return self.fn[grid](*args, **constexprs, **options)
+        tensors = get_tensors(args)
+        try:
+            misaligned = functools.reduce(operator.or_, map(torch.Tensor.data_ptr, tensors)) & 15
+        except TypeError:  # something else where a tensor was: Triton's own path
+            return self.fn[grid](*args, **constexprs, **options)
+        if misaligned:  # a pointer off 16-byte alignment: Triton specializes it differently
+            return self.fn[grid](*args, **constexprs, **options)
         device = torch.cuda.current_device()
         key = (device, tuple(map(_dtype_of, tensors)), get_others(args), tuple(constexprs.items()),
                tuple(options.items()))  # fmt: skip
