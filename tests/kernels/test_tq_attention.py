@@ -618,3 +618,21 @@ def test_table_asm_holds_the_codebook(dtype, bits):
     signed = raw - (raw >= 2 ** (8 * dtype.itemsize - 1)).long() * 2 ** (8 * dtype.itemsize)
     got = signed.to(torch.int16 if dtype.itemsize == 2 else torch.int32).view(dtype)
     assert torch.equal(got, values.to(dtype))
+
+
+@pytest.mark.parametrize("one_round", [True, False])
+def test_reduce_one_round_and_looped_agree(device, monkeypatch, one_round):
+    """The reduction's one-round path (every load issued before any math) and its looped path give the same
+    attention, with compressed and exact splits, masks and several splits per row."""
+    plan = tqa._reduce_plan
+
+    def forced(ns, out_rows, hdp, interp):
+        r, nsb, bk, bc, w, _ = plan(ns, out_rows, hdp, interp)
+        return min(r, 8), nsb, bk, bc, w, one_round
+
+    monkeypatch.setattr(tqa, "_reduce_plan", forced)
+    b, hq, hkv, sq, nc, se, d = 2, 8, 2, 1, 70, 5, 64
+    mask = torch.rand(b, 1, 1, nc + se, generator=_gen(11)) > 0.2
+    mask[..., -1] = True
+    err = _run_dense(device, b, hq, hkv, sq, nc, se, d, 4, 3, False, F32, mask=mask.to(device), num_kv_splits=5)
+    assert err < 1e-4

@@ -780,7 +780,7 @@ def _tq_reduce_kernel(
     vm_ptr, stride_vmb, stride_vmh, stride_vmd,
     BH, HKV, SQ, M_TOTAL, MP, NS_C, NS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
-    NS_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    NS_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ONE_ROUND: tl.constexpr,
 ):  # fmt: skip
     """Merge the split partials of BLOCK_R output rows, rotate the compressed part back, normalise, store the
     columns of block program_id(1).
@@ -792,7 +792,9 @@ def _tq_reduce_kernel(
     o = (sum_c w_c acc_c @ Pi + (sum_c w_c l_c) v_mean + sum_e w_e acc_e) / sum_s w_s l_s, w_s = 2^(m_s - max m).
     Output row i (of BH * M_TOTAL) is row r = i % M_TOTAL of kv head bh = i // M_TOTAL. NS_BLOCK splits of a
     row are loaded at once (a serial chain of loads per split would be latency bound); the rotated partials
-    are merged BLOCK_K coordinates at a time and multiplied by the rows of Pi they meet.
+    are merged BLOCK_K coordinates at a time and multiplied by the rows of Pi they meet. ONE_ROUND (NS <=
+    NS_BLOCK, few rows): every load of the program (m, l, all partials, Pi, v_mean) is issued before any math,
+    one round trip instead of one per phase (the latency of small decode calls).
     Grid (cdiv(BH * M_TOTAL, BLOCK_R), cdiv(HEAD_DIM, BLOCK_C)).
     """
     imask, bh, r, b, kvh, h, s = _flat_rows(tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), BH, M_TOTAL, HKV,
@@ -804,6 +806,40 @@ def _tq_reduce_kernel(
     wm_ptr = ws_ptr + n_rows * HEAD_DP
     wl_ptr = wm_ptr + n_rows
     row0 = bh.to(tl.int64) * NS * MP + r  # [BLOCK_R]: split 0 of each row
+    o_row = b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
+    if ONE_ROUND:
+        lin = row0[:, None] + (sp * MP)[None, :]
+        valid = imask[:, None] & (sp < NS)[None, :]
+        comp = valid & (sp < NS_C)[None, :]
+        exact = valid & (sp >= NS_C)[None, :]
+        m = tl.load(wm_ptr + lin, mask=valid, other=float("-inf"))
+        lv = tl.load(wl_ptr + lin, mask=valid, other=0.0)
+        x = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + c[None, None, :],
+                    mask=exact[:, :, None] & cmask[None, None, :], other=0.0)  # fmt: skip
+        parts = ()
+        pis = ()
+        for kb in tl.static_range(HEAD_DP // BLOCK_K):
+            k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            parts = parts + (tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + k[None, None, :],
+                                     mask=comp[:, :, None] & (k < HEAD_DIM)[None, None, :], other=0.0),)  # fmt: skip
+            pis = pis + (tl.load(pi_ptr + (k * stride_pr)[:, None] + (c * stride_pc)[None, :],
+                                 mask=(k < HEAD_DIM)[:, None] & cmask[None, :], other=0.0),)  # fmt: skip
+        vmv = tl.load(vm_ptr + b[:, None] * stride_vmb + kvh[:, None] * stride_vmh + (c * stride_vmd)[None, :],
+                      mask=imask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+        m_max = tl.max(m, axis=1)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_safe[:, None])  # 0 where masked (m = -inf)
+        wl = w * lv
+        l_comp = tl.sum(tl.where(comp, wl, 0.0), axis=1)
+        l_all = tl.sum(wl, axis=1)
+        o = l_comp[:, None] * vmv + tl.sum(w[:, :, None] * x, axis=1)
+        for kb in tl.static_range(HEAD_DP // BLOCK_K):
+            rk = tl.sum(w[:, :, None] * parts[kb], axis=1)  # [BLOCK_R, BLOCK_K] merged rotated coordinates
+            o += tl.sum(rk[:, :, None] * pis[kb][None, :, :], axis=1)
+        inv = tl.where(l_all > 0.0, 1.0 / tl.where(l_all > 0.0, l_all, 1.0), 0.0)
+        tl.store(o_ptr + o_row[:, None] + (c * stride_od)[None, :], (o * inv[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=imask[:, None] & cmask[None, :])  # fmt: skip
+        return
 
     m_all = tl.full([BLOCK_R, NS_BLOCK], float("-inf"), dtype=tl.float32)
     for s0 in range(0, NS, NS_BLOCK):
@@ -858,7 +894,6 @@ def _tq_reduce_kernel(
     l_all = l_comp + tl.sum(le_acc, axis=1)
     inv = tl.where(l_all > 0.0, 1.0 / tl.where(l_all > 0.0, l_all, 1.0), 0.0)
     o = (o + tl.sum(x_acc, axis=1)) * inv[:, None]
-    o_row = b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
     tl.store(o_ptr + o_row[:, None] + (c * stride_od)[None, :], o.to(o_ptr.dtype.element_ty),
              mask=imask[:, None] & cmask[None, :])  # fmt: skip
 
@@ -1246,31 +1281,35 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
         want = _cdiv(16, programs)
     else:
         want = _num_splits(programs, _cdiv(base, align), _num_sms(device.index or 0), block_m, resident)
+    if num_kv_splits is None:  # room for an exact split: a decode row's splits fit one reduce block (<= 128)
+        want = min(want, _MAX_SPLITS - 1)
     want = max(1, min(want, _cdiv(base, align)))
     chunk = _cdiv(_cdiv(base, want), align) * align
     return chunk, max(1, _cdiv(max_tokens, chunk)), _cdiv(se, chunk)
 
 
 @functools.lru_cache(maxsize=256)
-def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_R, NS_BLOCK, BLOCK_K, BLOCK_C, num_warps) of the reduction: all splits of a row in one round of
-    loads (up to 128 splits; ~8K elements of partials a program), few programs' worth of serial latency
-    (interpreter: few big programs)."""
+def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int, int, int, bool]:
+    """(BLOCK_R, NS_BLOCK, BLOCK_K, BLOCK_C, num_warps, ONE_ROUND) of the reduction: all splits of a row in one
+    round of loads (up to 128 splits; ~8K elements of partials a program), few programs' worth of serial latency
+    (interpreter: few big programs). ONE_ROUND where the splits fit one block and the row block is small."""
     ns_block = min(next_pow2(ns), 128)
     if interp:
-        return min(next_pow2(out_rows), max(1, (1 << 14) // (ns_block * hdp))), ns_block, hdp, hdp, 4
+        block_r = min(next_pow2(out_rows), max(1, (1 << 14) // (ns_block * hdp)))
+        return block_r, ns_block, hdp, hdp, 4, block_r < 16 and ns <= ns_block
     block_c = min(hdp, 64)
     block_k = min(hdp, 32)
     if ns_block <= 16 and (out_rows // 16) * (hdp // block_c) >= 64:
         # 16 rows a program, the back-rotation one tl.dot: each program reads Pi's columns once for 16 rows
         # (with fewer rows, every row block re-reads Pi: 512 rows x 8 splits at B = 16 read 16 MB of it)
-        return 16, ns_block, block_k, block_c, 4
+        return 16, ns_block, block_k, block_c, 4, False
     by_rows = 1 << (max(1, out_rows // 256).bit_length() - 1)  # keep >= ~256 programs where there are rows
     block_r = max(1, min(8192 // (ns_block * hdp), by_rows))
     # fewer rows: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C] for the back-rotation, kept small
     block_r = min(block_r, 4096 // (block_k * block_c))
     warps = 8 if block_r * ns_block * hdp >= 8192 else 4
-    return block_r, ns_block, block_k, block_c, warps
+    # one round: every partial of the block in registers at once (<= 16K floats: ~64 registers a thread at 8 warps)
+    return block_r, ns_block, block_k, block_c, warps, ns <= ns_block and block_r * ns_block * hdp <= 16384
 
 
 def _decode_config(hdp: int, rows: int) -> tuple[int, int, int]:
@@ -1383,13 +1422,13 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         _tuned_attn_kernel()[grid](*args, **meta, **flags)
 
     out_rows = bh * rows
-    block_r, ns_block, block_k, block_c, r_warps = _reduce_plan(ns, out_rows, hdp, interp)
+    block_r, ns_block, block_k, block_c, r_warps, one_round = _reduce_plan(ns, out_rows, hdp, interp)
     _REDUCE(
         (_cdiv(out_rows, block_r), _cdiv(d, block_c), 1),
         (ws, out, *out.stride(), pi, *pi.stride(), v_mean, vmb, v_mean.stride(1), v_mean.stride(2),
          bh, hkv, sq, rows, mp, ns_c, ns),
         dict(GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_R=block_r, NS_BLOCK=ns_block, BLOCK_K=block_k,
-             BLOCK_C=block_c),
+             BLOCK_C=block_c, ONE_ROUND=one_round),
         num_warps=r_warps,
     )  # fmt: skip
     return out
