@@ -626,13 +626,15 @@ def test_reduce_one_round_and_looped_agree(device, monkeypatch, one_round):
     attention, with compressed and exact splits, masks and several splits per row."""
     plan = tqa._reduce_plan
 
-    def forced(ns, out_rows, hdp, interp):
-        r, nsb, bk, bc, w, _ = plan(ns, out_rows, hdp, interp)
-        return min(r, 8), nsb, bk, bc, w, one_round
+    def forced(ns_c, ns, out_rows, hdp, interp):
+        r, nsb, bk, bc, w, _, nse = plan(ns_c, ns, out_rows, hdp, interp)
+        return min(r, 8), nsb, bk, bc, w, one_round, nse
 
     monkeypatch.setattr(tqa, "_reduce_plan", forced)
     b, hq, hkv, sq, nc, se, d = 2, 8, 2, 1, 70, 5, 64
     mask = torch.rand(b, 1, 1, nc + se, generator=_gen(11)) > 0.2
     mask[..., -1] = True
     err = _run_dense(device, b, hq, hkv, sq, nc, se, d, 4, 3, False, F32, mask=mask.to(device), num_kv_splits=5)
+    assert err < 1e-4
+    err = _run_dense(device, b, hq, hkv, 2, nc, 40, d, 3, 4, True, F32, num_kv_splits=3)  # several exact splits
     assert err < 1e-4

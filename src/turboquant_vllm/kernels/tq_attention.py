@@ -781,6 +781,7 @@ def _tq_reduce_kernel(
     BH, HKV, SQ, M_TOTAL, MP, NS_C, NS,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr,
     NS_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ONE_ROUND: tl.constexpr,
+    NSE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Merge the split partials of BLOCK_R output rows, rotate the compressed part back, normalise, store the
     columns of block program_id(1).
@@ -792,9 +793,9 @@ def _tq_reduce_kernel(
     o = (sum_c w_c acc_c @ Pi + (sum_c w_c l_c) v_mean + sum_e w_e acc_e) / sum_s w_s l_s, w_s = 2^(m_s - max m).
     Output row i (of BH * M_TOTAL) is row r = i % M_TOTAL of kv head bh = i // M_TOTAL. NS_BLOCK splits of a
     row are loaded at once (a serial chain of loads per split would be latency bound); the rotated partials
-    are merged BLOCK_K coordinates at a time and multiplied by the rows of Pi they meet. ONE_ROUND (NS <=
-    NS_BLOCK, few rows): every load of the program (m, l, all partials, Pi, v_mean) is issued before any math,
-    one round trip instead of one per phase (the latency of small decode calls).
+    are merged BLOCK_K coordinates at a time and multiplied by the rows of Pi they meet. ONE_ROUND (NS_C <=
+    NS_BLOCK, NS - NS_C <= NSE_BLOCK, few rows): every load of the program (m, l, all partials, Pi, v_mean) is
+    issued before any math, one round trip instead of one per phase (the latency of small decode calls).
     Grid (cdiv(BH * M_TOTAL, BLOCK_R), cdiv(HEAD_DIM, BLOCK_C)).
     """
     imask, bh, r, b, kvh, h, s = _flat_rows(tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), BH, M_TOTAL, HKV,
@@ -808,13 +809,16 @@ def _tq_reduce_kernel(
     row0 = bh.to(tl.int64) * NS * MP + r  # [BLOCK_R]: split 0 of each row
     o_row = b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
     if ONE_ROUND:
-        lin = row0[:, None] + (sp * MP)[None, :]
-        valid = imask[:, None] & (sp < NS)[None, :]
-        comp = valid & (sp < NS_C)[None, :]
-        exact = valid & (sp >= NS_C)[None, :]
-        m = tl.load(wm_ptr + lin, mask=valid, other=float("-inf"))
-        lv = tl.load(wl_ptr + lin, mask=valid, other=0.0)
-        x = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + c[None, None, :],
+        lin = row0[:, None] + (sp * MP)[None, :]  # compressed splits [0, NS_C)
+        comp = imask[:, None] & (sp < NS_C)[None, :]
+        se_i = tl.arange(0, NSE_BLOCK)
+        lin_e = row0[:, None] + ((NS_C + se_i) * MP)[None, :]  # exact splits [NS_C, NS)
+        exact = imask[:, None] & ((NS_C + se_i) < NS)[None, :]
+        m = tl.load(wm_ptr + lin, mask=comp, other=float("-inf"))
+        lv = tl.load(wl_ptr + lin, mask=comp, other=0.0)
+        m_e = tl.load(wm_ptr + lin_e, mask=exact, other=float("-inf"))
+        l_e = tl.load(wl_ptr + lin_e, mask=exact, other=0.0)
+        x = tl.load(ws_ptr + lin_e[:, :, None] * HEAD_DP + c[None, None, :],
                     mask=exact[:, :, None] & cmask[None, None, :], other=0.0)  # fmt: skip
         parts = ()
         pis = ()
@@ -826,13 +830,13 @@ def _tq_reduce_kernel(
                                  mask=(k < HEAD_DIM)[:, None] & cmask[None, :], other=0.0),)  # fmt: skip
         vmv = tl.load(vm_ptr + b[:, None] * stride_vmb + kvh[:, None] * stride_vmh + (c * stride_vmd)[None, :],
                       mask=imask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-        m_max = tl.max(m, axis=1)
+        m_max = tl.maximum(tl.max(m, axis=1), tl.max(m_e, axis=1))
         m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.exp2(m - m_safe[:, None])  # 0 where masked (m = -inf)
-        wl = w * lv
-        l_comp = tl.sum(tl.where(comp, wl, 0.0), axis=1)
-        l_all = tl.sum(wl, axis=1)
-        o = l_comp[:, None] * vmv + tl.sum(w[:, :, None] * x, axis=1)
+        w_e = tl.exp2(m_e - m_safe[:, None])
+        l_comp = tl.sum(w * lv, axis=1)
+        l_all = l_comp + tl.sum(w_e * l_e, axis=1)
+        o = l_comp[:, None] * vmv + tl.sum(w_e[:, :, None] * x, axis=1)
         for kb in tl.static_range(HEAD_DP // BLOCK_K):
             rk = tl.sum(w[:, :, None] * parts[kb], axis=1)  # [BLOCK_R, BLOCK_K] merged rotated coordinates
             o += tl.sum(rk[:, :, None] * pis[kb][None, :, :], axis=1)
@@ -1281,35 +1285,36 @@ def _splits(programs: int, max_tokens: int, se: int, num_kv_splits, device, inte
         want = _cdiv(16, programs)
     else:
         want = _num_splits(programs, _cdiv(base, align), _num_sms(device.index or 0), block_m, resident)
-    if num_kv_splits is None:  # room for an exact split: a decode row's splits fit one reduce block (<= 128)
-        want = min(want, _MAX_SPLITS - 1)
     want = max(1, min(want, _cdiv(base, align)))
     chunk = _cdiv(_cdiv(base, want), align) * align
     return chunk, max(1, _cdiv(max_tokens, chunk)), _cdiv(se, chunk)
 
 
 @functools.lru_cache(maxsize=256)
-def _reduce_plan(ns: int, out_rows: int, hdp: int, interp: bool) -> tuple[int, int, int, int, int, bool]:
-    """(BLOCK_R, NS_BLOCK, BLOCK_K, BLOCK_C, num_warps, ONE_ROUND) of the reduction: all splits of a row in one
-    round of loads (up to 128 splits; ~8K elements of partials a program), few programs' worth of serial latency
-    (interpreter: few big programs). ONE_ROUND where the splits fit one block and the row block is small."""
-    ns_block = min(next_pow2(ns), 128)
+def _reduce_plan(ns_c: int, ns: int, out_rows: int, hdp: int, interp: bool):
+    """(BLOCK_R, NS_BLOCK, BLOCK_K, BLOCK_C, num_warps, ONE_ROUND, NSE_BLOCK) of the reduction: all compressed
+    splits of a row in one round of loads (up to 128; ~8K elements of partials a program), few programs' worth
+    of serial latency (interpreter: few big programs). ONE_ROUND where the compressed splits fit one block, the
+    exact ones (NS - NS_C: one at decode) one more, and the row block is small."""
+    ns_block = min(next_pow2(max(ns_c, 1)), 128)
+    nse_block = next_pow2(max(ns - ns_c, 1))
+    fits = ns_c <= ns_block and nse_block <= 16
     if interp:
         block_r = min(next_pow2(out_rows), max(1, (1 << 14) // (ns_block * hdp)))
-        return block_r, ns_block, hdp, hdp, 4, block_r < 16 and ns <= ns_block
+        return block_r, ns_block, hdp, hdp, 4, fits and block_r < 16, nse_block
     block_c = min(hdp, 64)
     block_k = min(hdp, 32)
     if ns_block <= 16 and (out_rows // 16) * (hdp // block_c) >= 64:
         # 16 rows a program, the back-rotation one tl.dot: each program reads Pi's columns once for 16 rows
         # (with fewer rows, every row block re-reads Pi: 512 rows x 8 splits at B = 16 read 16 MB of it)
-        return 16, ns_block, block_k, block_c, 4, False
+        return 16, ns_block, block_k, block_c, 4, False, nse_block
     by_rows = 1 << (max(1, out_rows // 256).bit_length() - 1)  # keep >= ~256 programs where there are rows
     block_r = max(1, min(8192 // (ns_block * hdp), by_rows))
     # fewer rows: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C] for the back-rotation, kept small
     block_r = min(block_r, 4096 // (block_k * block_c))
     warps = 8 if block_r * ns_block * hdp >= 8192 else 4
     # one round: every partial of the block in registers at once (<= 16K floats: ~64 registers a thread at 8 warps)
-    return block_r, ns_block, block_k, block_c, warps, ns <= ns_block and block_r * ns_block * hdp <= 16384
+    return block_r, ns_block, block_k, block_c, warps, fits and block_r * ns_block * hdp <= 16384, nse_block
 
 
 def _decode_config(hdp: int, rows: int) -> tuple[int, int, int]:
@@ -1422,13 +1427,13 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         _tuned_attn_kernel()[grid](*args, **meta, **flags)
 
     out_rows = bh * rows
-    block_r, ns_block, block_k, block_c, r_warps, one_round = _reduce_plan(ns, out_rows, hdp, interp)
+    block_r, ns_block, block_k, block_c, r_warps, one_round, nse_block = _reduce_plan(ns_c, ns, out_rows, hdp, interp)
     _REDUCE(
         (_cdiv(out_rows, block_r), _cdiv(d, block_c), 1),
         (ws, out, *out.stride(), pi, *pi.stride(), v_mean, vmb, v_mean.stride(1), v_mean.stride(2),
          bh, hkv, sq, rows, mp, ns_c, ns),
         dict(GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_R=block_r, NS_BLOCK=ns_block, BLOCK_K=block_k,
-             BLOCK_C=block_c, ONE_ROUND=one_round),
+             BLOCK_C=block_c, ONE_ROUND=one_round, NSE_BLOCK=nse_block),
         num_warps=r_warps,
     )  # fmt: skip
     return out
