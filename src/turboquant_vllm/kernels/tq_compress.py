@@ -59,7 +59,8 @@ def _quantize(y, bnd_ptr, BITS: tl.constexpr):
 
     BITS <= 4: a branch-free binary search whose thresholds are selected among the boundaries held as scalars
     (BITS compares and 2**(BITS-1) - 1 selects per element instead of 2**BITS - 1 compares and adds).
-    Larger BITS: a linear count.
+    Larger BITS: a binary search whose thresholds are gathered (BITS loads and compares per element; the
+    linear count it replaces unrolled 255 compares at 8 bits, minutes of compilation on sm_90).
     """
     if BITS == 1:
         idx = (y > tl.load(bnd_ptr)).to(tl.int32)
@@ -86,10 +87,11 @@ def _quantize(y, bnd_ptr, BITS: tl.constexpr):
         t_lo = tl.where(p2, tl.where(p1, b6, b4), tl.where(p1, b2, b0))
         p0 = y > tl.where(p3, t_hi, t_lo)
         idx = tl.where(p3, 8, 0) + tl.where(p2, 4, 0) + tl.where(p1, 2, 0) + p0.to(tl.int32)
-    else:
+    else:  # binary search, the thresholds gathered from the (L1-resident) boundary table: BITS steps
         idx = tl.zeros(y.shape, dtype=tl.int32)
-        for i in tl.static_range((1 << BITS) - 1):
-            idx += (y > tl.load(bnd_ptr + i)).to(tl.int32)
+        for step in tl.static_range(BITS):
+            probe = idx + (1 << (BITS - 1 - step))
+            idx = tl.where(y > tl.load(bnd_ptr + probe - 1), probe, idx)
     return idx
 
 
