@@ -591,7 +591,7 @@ def test_kernels_compile_for_sm90(device):
     # 8 accumulators and two packed tiles in 255 registers, and the compiler may spill a little, mostly outside
     # the loop (Triton 3.6: 0-8 B; Triton 3.9: up to ~1 KB). Their speed was measured with them.
     lines = [line for line in r.stdout.splitlines() if "spill_bytes" in line]
-    assert sum(" subtile " in line for line in lines) == 3, r.stdout
+    assert sum(" subtile " in line for line in lines) == 4, r.stdout
     spills = [line for line in lines if not line.endswith("spill_bytes 0") and " subtile " not in line]
     assert not spills, "register spills on sm_90:\n" + "\n".join(spills)
     for line in lines:
