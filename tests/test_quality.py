@@ -88,7 +88,7 @@ def test_compare_caches_reference_and_lossless_candidate():
 
 @pytest.mark.parametrize(
     "spec", ["tq:bits=4", "tq:k=3,v=2", "tq:bits=4,window=5", "tq:bits=3,cv=1", "tq:k=4,v=3,window=3,sink=2",
-             "tq:bits=4,sink=7"],
+             "tq:bits=4,sink=7", "tq:k=4,v=3,window=3,sink=2,lb=0:8/4", "tq:k=3,v=2,lb=1:6/4"],
 )  # fmt: skip
 def test_fake_quant_turboquant_equals_the_real_cache(spec):
     """The fake-quant simulation computes exactly what TurboQuantCache computes, sinks included (prefill 5 <
@@ -101,7 +101,9 @@ def test_fake_quant_turboquant_equals_the_real_cache(spec):
     def fake():
         cache = DynamicCache(config=model.config)
         for i in range(len(cache.layers)):
-            cache.layers[i] = FakeQuantLayer(s.codec(64), window=s.window, sink=s.sink)
+            k, v = s.bits_of_layer(i)
+            codec = TurboQuantCodec(64, k, v, center_values=s.center_values)
+            cache.layers[i] = FakeQuantLayer(codec, window=s.window, sink=s.sink)
         return cache
 
     sim = dataclasses.replace(s, simulate=True)
@@ -199,6 +201,75 @@ def test_parse_setting_and_names():
     with pytest.raises(ValueError):
         parse_setting("zip")
     assert len({s.name for s in baseline_settings(4, 64)}) == 7
+
+
+def test_layer_bits_parse_and_errors():
+    s = parse_setting("tq:k=4,v=3,window=64,sink=4,lb=23:6/4+0:8/4")
+    assert s.layer_bits == ((0, 8, 4), (23, 6, 4)) and s.uses_real_cache
+    assert s.name == "tqK4V3 w64 sink4 lb0:8/4+23:6/4"
+    assert (s.bits_of_layer(0), s.bits_of_layer(23), s.bits_of_layer(5)) == ((8, 4), (6, 4), (4, 3))
+    assert s != parse_setting("tq:k=4,v=3,window=64,sink=4")
+    assert parse_setting("tq:k=4,v=3,skip=1,lb=0:8/4").name == "tqK4V3 skip1 lb0:8/4"
+    with pytest.raises(ValueError, match="layer:k_bits/v_bits"):
+        parse_setting("tq:lb=0:8")
+    with pytest.raises(ValueError, match="only supported for the tq kind"):
+        parse_setting("int:bits=4,lb=0:8/4")
+    with pytest.raises(ValueError, match="both kept exact"):
+        parse_setting("tq:k=4,v=3,skip=0,lb=0:8/4")
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_setting("tq:lb=0:8/4+0:6/4")
+    with pytest.raises(ValueError, match="k_bits"):
+        parse_setting("tq:lb=0:9/4")
+
+
+def test_layer_bits_bytes_by_hand():
+    """A layer at its own bits costs its own codes + two float32 norms, with the same window/sink share."""
+    d, layers, tokens = 64, 24, 512
+    s = parse_setting("tq:k=4,v=3,window=64,sink=4,lb=0:8/4+23:6/4")
+    share = 68 / 512
+    per = [64 + 32 + 8, 48 + 32 + 8] + [32 + 24 + 8] * 22  # K8/V4, K6/V4, then 22 layers of K4/V3
+    expected = sum(q * (1 - share) + 256 * share for q in per) / layers
+    assert s.bytes_per_token_per_head(d, layers, tokens) == pytest.approx(expected)
+    assert s.bits_per_coord(d, layers, tokens) == pytest.approx(expected * 8 / 128)
+    assert s.bytes_per_token_per_head(d, layers) == pytest.approx((104 + 88 + 22 * 64) / 24)  # steady state
+    assert s.quantized_bytes(d) == 64 and s.quantized_bytes(d, 0) == 104 and s.quantized_bytes(d, 23) == 88
+    # against the exact layer 0 it replaces: head_dim 128, 28 layers, 8K tokens
+    lb = parse_setting("tq:k=4,v=3,window=64,sink=4,lb=0:8/4")
+    skip = parse_setting("tq:k=4,v=3,window=64,sink=4,skip=0")
+    sh = 68 / 8192
+    q, q0 = 64 + 48 + 8, 128 + 64 + 8
+    assert lb.bits_per_coord(128, 28, 8192) == pytest.approx(
+        (27 * (q * (1 - sh) + 512 * sh) + q0 * (1 - sh) + 512 * sh) / 28 * 8 / 256
+    )
+    assert skip.bits_per_coord(128, 28, 8192) == pytest.approx((27 * (q * (1 - sh) + 512 * sh) + 512) / 28 * 8 / 256)
+    assert lb.bits_per_coord(128, 28, 8192) < 4.0 < skip.bits_per_coord(128, 28, 8192)
+    # a layer beyond the model's layers is not counted (as skip)
+    assert parse_setting("tq:k=4,v=3,lb=40:8/4").bytes_per_token_per_head(d, 24) == 64
+
+
+def test_layer_bits_reach_the_cache_and_the_simulation():
+    from turboquant_vllm.cache.dynamic import TurboQuantCache
+    from turboquant_vllm.cache.layer import CompressedLayer
+
+    model = tiny_qwen2(head_dim=64, q_heads=2, kv_heads=1, layers=3)
+    s = parse_setting("tq:k=4,v=3,window=2,sink=1,lb=0:8/4+2:6/4,skip=1")
+    cache = s.make_cache(model.config)
+    assert isinstance(cache, TurboQuantCache) and cache.layer_bits == {0: (8, 4), 2: (6, 4)}
+    with torch.no_grad():
+        model(ids_of(12, seed=4), past_key_values=cache, use_cache=True)
+    layers = cache.layers
+    assert not isinstance(layers[1], CompressedLayer)  # skip=1 stays exact
+    for i, (k, v) in ((0, (8, 4)), (2, (6, 4))):
+        assert isinstance(layers[i], CompressedLayer)
+        assert (layers[i].settings.k_bits, layers[i].settings.v_bits) == (k, v)
+        assert layers[i].k_packed.shape[-1] == 64 * k // 8 and layers[i].v_packed.shape[-1] == 64 * v // 8
+        assert layers[i].num_compressed == 12 - 2 - 1
+    sim = dataclasses.replace(s, simulate=True).make_cache(model.config)
+    assert [(lay.codec.layout.k_bits, lay.codec.layout.v_bits) for lay in (sim.layers[0], sim.layers[2])] == [
+        (8, 4),
+        (6, 4),
+    ]
+    assert not isinstance(sim.layers[1], FakeQuantLayer)
 
 
 def test_codec_round_trips():

@@ -150,3 +150,8 @@ def test_policy_default_is_what_enable_turboquant_uses():
     assert (s.k_bits, s.v_bits, s.sink, s.window) == (5, 3, 0, 64)
     s = main_setting(p.parse_args(["--bits", "4"]))
     assert (s.k_bits, s.v_bits, s.window, s.sink, tuple(s.skip_layers)) == (4, 4, 0, 0, ())
+    # --layer-bits: the policy's exact layer 0 given its own bits instead; explicit --skip-layers stay as given
+    s = main_setting(p.parse_args(["--policy", "default", "--bits", "4", "--layer-bits", "0:8/4"]))
+    assert (s.k_bits, s.v_bits, s.skip_layers, s.layer_bits) == (4, 3, (), ((0, 8, 4),))
+    s = main_setting(p.parse_args(["--bits", "4", "--skip-layers", "1", "--layer-bits", "0:8/4+2:6/4"]))
+    assert (s.skip_layers, s.layer_bits) == ((1,), ((0, 8, 4), (2, 6, 4)))

@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, help="recent tokens kept in full precision (bytes counted; default 0)")
     g.add_argument("--sinks", type=int, help="first tokens kept in full precision (bytes counted; default 0)")
     g.add_argument("--skip-layers", help="layers kept exact, e.g. 0,29 (bytes counted; default none)")
+    g.add_argument(
+        "--layer-bits",
+        help="layers at their own K/V bits, layer:k/v joined by '+', e.g. 0:8/4+23:6/4 (bytes counted; default none)",
+    )
     g.add_argument("--no-center-keys", action="store_true", help="turn key centring off")
     g.add_argument("--center-values", action="store_true", help="centre values too")
     g.add_argument(
@@ -97,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_setting(args):
     from ..integrations.transformers import default_policy
-    from ..quality.baselines import Setting
+    from ..quality.baselines import Setting, parse_setting
 
     policy = default_policy(args.bits) if getattr(args, "policy", "plain") == "default" else {}
 
@@ -107,8 +111,12 @@ def main_setting(args):
     kb = pick(args.k_bits, "k_bits", args.bits)
     vb = pick(args.v_bits, "v_bits", args.bits)
     skip = tuple(_ints(args.skip_layers)) if args.skip_layers is not None else tuple(policy.get("skip_layers", ()))
+    lb = parse_setting(f"tq:lb={args.layer_bits}").layer_bits if getattr(args, "layer_bits", None) else ()
+    if args.skip_layers is None:  # the policy's exact layers, less those given their own bits
+        skip = tuple(i for i in skip if i not in {layer for layer, _, _ in lb})
     return Setting("tq", kb, vb, window=pick(args.window, "window", 0), sink=pick(args.sinks, "sinks", 0),
-                   skip_layers=skip, center_keys=not args.no_center_keys, center_values=args.center_values)  # fmt: skip
+                   skip_layers=skip, layer_bits=lb, center_keys=not args.no_center_keys,
+                   center_values=args.center_values)  # fmt: skip
 
 
 def collect_settings(args, head_dim: int):

@@ -21,9 +21,14 @@ Codecs (per token per KV head; `bytes_k/bytes_v` count every stored byte: codes,
 
 Settings are written as `kind:opt=val,...`, e.g. `tq:k=5,v=3`, `tq:k=4,v=4,window=64`, `tq:k=4,v=4,sink=4`,
 `int:bits=4,group=32`, `fp8`, `kivi:bits=4`, `tq-prod:k=4,v=4`, `tq-out:k=3,v=3,ok=5,ov=4,n=16`,
-`tq:k=4,v=4,skip=0+29`, `tq:cv=1` (centre
-values), `tq:ck=0` (no key centring), `tq:bits=4,sim=1` (the fake-quant simulation of TurboQuantCache: the same
-numbers, tests/test_quality.py checks it, and much faster on the CPU since nothing is dequantized per step).
+`tq:k=4,v=4,skip=0+29`, `tq:k=4,v=3,lb=0:8/4+23:6/4` (layer 0 at K8/V4 and layer 23 at K6/V4, the others at
+K4/V3: TurboQuantCache's `layer_bits`; `tq` only), `tq:cv=1` (centre values), `tq:ck=0` (no key centring),
+`tq:bits=4,sim=1` (the fake-quant simulation of TurboQuantCache: the same numbers, tests/test_quality.py checks
+it, and much faster on the CPU since nothing is dequantized per step).
+
+Bytes per token per KV head (`Setting.bytes_per_token_per_head`) average over the layers: a layer of `skip` costs
+fp16 (4 * head_dim), a layer of `lb` its own codes and norms, (k * d / 8 + 4) + (v * d / 8 + 4); in every
+compressed layer the window and sink tokens cost fp16 at their share of the context.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..core.codebook import check_bits
 from ..core.kvcodec import compress_reference, dequantize_reference
 from ..core.quantizer import TurboQuantProd
 from ..core.rotation import hadamard_rotation
@@ -389,11 +395,31 @@ class Setting:
     outliers: int = 0  # tq-out: outlier channels per head (default head_dim / 4)
     out_k_bits: int = 0  # tq-out: bits of the outlier key channels (default k_bits + 1)
     out_v_bits: int = 0  # tq-out: bits of the outlier value channels (default v_bits + 1)
+    layer_bits: tuple[tuple[int, int, int], ...] = ()  # tq: (layer, k_bits, v_bits) of layers at their own widths
     label: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.layer_bits:
+            if self.kind != "tq":
+                raise ValueError(f"per-layer bits (lb=) are only supported for the tq kind, not {self.kind!r}")
+            lb = tuple(sorted((int(i), check_bits(int(k), "k_bits"), check_bits(int(v), "v_bits"))
+                              for i, k, v in self.layer_bits))  # fmt: skip
+            layers = [i for i, _, _ in lb]
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"a layer is listed twice in layer_bits {lb}")
+            both = sorted(set(layers) & set(self.skip_layers))
+            if both:
+                raise ValueError(f"layer(s) {both} are both kept exact (skip) and given their own bits (lb)")
+            object.__setattr__(self, "layer_bits", lb)
+
+    def bits_of_layer(self, layer: int) -> tuple[int, int]:
+        """(k_bits, v_bits) of a compressed layer: its `layer_bits` entry, else the setting's."""
+        for i, k, v in self.layer_bits:
+            if i == layer:
+                return k, v
+        return self.k_bits, self.v_bits
 
     @property
     def name(self) -> str:
@@ -422,6 +448,8 @@ class Setting:
             s += f" sink{self.sink}"
         if self.skip_layers:
             s += " skip" + "+".join(map(str, self.skip_layers))
+        if self.layer_bits:
+            s += " lb" + "+".join(f"{i}:{k}/{v}" for i, k, v in self.layer_bits)
         if self.simulate and self.kind == "tq":
             s += " (sim)"
         return s
@@ -450,8 +478,13 @@ class Setting:
                                        **kw)  # fmt: skip
         return None
 
-    def quantized_bytes(self, head_dim: int) -> float:
-        """Bytes per token per KV head of a quantized token (no window, sinks or protected layers)."""
+    def quantized_bytes(self, head_dim: int, layer: int | None = None) -> float:
+        """Bytes per token per KV head of a quantized token (no window, sinks or protected layers); with
+        `layer`, at that layer's own bits (`layer_bits`)."""
+        if layer is not None and self.layer_bits:
+            k, v = self.bits_of_layer(layer)
+            if (k, v) != (self.k_bits, self.v_bits):
+                return replace(self, k_bits=k, v_bits=v, layer_bits=()).quantized_bytes(head_dim)
         if self.kind == "exact":
             return 4.0 * 2 * head_dim
         if self.kind == "kivi":
@@ -464,17 +497,19 @@ class Setting:
         """Average bytes per token per KV head over `num_layers` layers and a context of `tokens`.
 
         Exact tokens (window, sinks; KIVI's residual, on average group / 2) and protected layers cost fp16
-        (2 * 2 * head_dim). Without `tokens`, the steady state (window and sinks amortized to zero)."""
+        (2 * 2 * head_dim); a layer of `layer_bits` costs its own quantized bytes (with the same exact-token
+        share). Without `tokens`, the steady state (window and sinks amortized to zero)."""
         fp16 = 4.0 * head_dim
-        q = self.quantized_bytes(head_dim)
         if self.kind == "exact":
-            return q
+            return self.quantized_bytes(head_dim)
         exact = self.window + self.sink + (self.group / 2 if self.kind == "kivi" else 0)
-        if tokens:
-            share = min(exact, tokens) / tokens
-            q = q * (1 - share) + fp16 * share
-        skipped = len([i for i in self.skip_layers if 0 <= i < num_layers])
-        return (q * (num_layers - skipped) + fp16 * skipped) / num_layers
+        share = min(exact, tokens) / tokens if tokens else 0.0
+        skip = set(self.skip_layers)
+        total = sum(
+            fp16 if i in skip else self.quantized_bytes(head_dim, i) * (1 - share) + fp16 * share
+            for i in range(num_layers)
+        )
+        return total / num_layers
 
     def bits_per_coord(self, head_dim: int, num_layers: int = 1, tokens: int | None = None) -> float:
         """Average stored bits per K or V coordinate (norms, scales, window and protected layers counted)."""
@@ -489,27 +524,30 @@ class Setting:
             return DynamicCache(config=config)
         if self.uses_real_cache:
             return TurboQuantCache(config, k_bits=self.k_bits, v_bits=self.v_bits, window=self.window,
-                                   sinks=self.sink, skip_layers=self.skip_layers, seed=self.seed,
+                                   sinks=self.sink, skip_layers=self.skip_layers,
+                                   layer_bits={i: (k, v) for i, k, v in self.layer_bits}, seed=self.seed,
                                    rotation=self.rotation, center_keys=self.center_keys,
                                    center_values=self.center_values)  # fmt: skip
         head_dim = head_dim_of(config)
         cache = DynamicCache(config=config)
         skip = set(self.skip_layers)
 
-        def make():
+        def make(i: int):
             if self.kind == "kivi":
                 return KiviLayer(head_dim, self.k_bits, self.group)
-            return FakeQuantLayer(self.codec(head_dim), window=self.window, sink=self.sink)
+            k, v = self.bits_of_layer(i)
+            codec = replace(self, k_bits=k, v_bits=v, layer_bits=()).codec(head_dim)
+            return FakeQuantLayer(codec, window=self.window, sink=self.sink)
 
         for i, layer in enumerate(cache.layers):
             if i not in skip and type(layer) is DynamicLayer:
-                cache.layers[i] = make()
+                cache.layers[i] = make(i)
         return cache
 
 
 def parse_setting(spec: str) -> Setting:
-    """`kind[:opt=val,...]`; options k, v, bits, window, sink (or sinks), skip (a+b), ck, cv, group, seed, rotation,
-    sim, label; tq-out: n (outlier channels), ok, ov (their key / value bits)."""
+    """`kind[:opt=val,...]`; options k, v, bits, window, sink (or sinks), skip (a+b), lb (layer:k/v+...), ck, cv,
+    group, seed, rotation, sim, label; tq-out: n (outlier channels), ok, ov (their key / value bits)."""
     kind, _, opts = spec.strip().partition(":")
     kw: dict = {}
     for item in filter(None, (o.strip() for o in opts.split(","))):
@@ -527,6 +565,8 @@ def parse_setting(spec: str) -> Setting:
             kw["sink"] = int(val)
         elif key == "skip":
             kw["skip_layers"] = tuple(int(x) for x in val.replace("+", " ").split())
+        elif key in ("lb", "layer_bits"):
+            kw["layer_bits"] = tuple(_parse_layer_bits(x, spec) for x in val.replace("+", " ").split())
         elif key == "ck":
             kw["center_keys"] = val not in ("0", "false", "no")
         elif key == "cv":
@@ -550,6 +590,16 @@ def parse_setting(spec: str) -> Setting:
         else:
             raise ValueError(f"unknown option {key!r} in setting {spec!r}")
     return Setting(kind=kind.strip().lower(), **kw)
+
+
+def _parse_layer_bits(item: str, spec: str) -> tuple[int, int, int]:
+    """`layer:k/v` (e.g. `0:8/4`) -> (layer, k_bits, v_bits)."""
+    layer, _, kv = item.partition(":")
+    k, _, v = kv.partition("/")
+    try:
+        return int(layer), int(k), int(v)
+    except ValueError:
+        raise ValueError(f"lb entries are layer:k_bits/v_bits (e.g. 0:8/4), got {item!r} in {spec!r}") from None
 
 
 def baseline_settings(bits: int = 4, head_dim: int = 64) -> list[Setting]:
