@@ -180,12 +180,12 @@ def test_enable_turboquant_uses_the_measured_policy():
     model = tiny_llama(layers=3)
     cache = tq.enable_turboquant(model, bits=4)
     try:
-        assert type(cache.layers[0]).__name__ == "DynamicLayer"  # layer 0 exact
-        assert [(layer.layout.k_bits, layer.layout.v_bits) for layer in cache.layers[1:]] == [(4, 3), (4, 3)]
-        assert all((layer.settings.window, layer.settings.sinks) == (64, 4) for layer in cache.layers[1:])
+        widths = [(layer.layout.k_bits, layer.layout.v_bits) for layer in cache.layers]
+        assert widths == [(8, 4), (4, 3), (4, 3)]  # layer 0 at 8-bit keys and 4-bit values
+        assert all((layer.settings.window, layer.settings.sinks) == (64, 4) for layer in cache.layers)
         three = tq.enable_turboquant(model, bits=3)
-        assert [(layer.layout.k_bits, layer.layout.v_bits) for layer in three.layers[1:]] == [(3, 2), (3, 2)]
-        plain = tq.enable_turboquant(model, bits=4, k_bits=4, v_bits=4, window=0, sinks=0, skip_layers=())
+        assert [(layer.layout.k_bits, layer.layout.v_bits) for layer in three.layers] == [(8, 4), (3, 2), (3, 2)]
+        plain = tq.enable_turboquant(model, bits=4, k_bits=4, v_bits=4, window=0, sinks=0, layer_bits={})
         assert all(layer.layout.k_bits == 4 and layer.settings.sinks == 0 for layer in plain.layers)
     finally:
         tq.disable_turboquant(model)

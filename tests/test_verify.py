@@ -145,13 +145,14 @@ def test_policy_default_is_what_enable_turboquant_uses():
         pol = default_policy(bits)
         s = main_setting(p.parse_args(["--policy", "default", "--bits", str(bits)]))
         assert (s.k_bits, s.v_bits, s.window, s.sink) == (pol["k_bits"], pol["v_bits"], pol["window"], pol["sinks"])
-        assert tuple(s.skip_layers) == tuple(pol["skip_layers"])
+        assert tuple(s.skip_layers) == tuple(pol.get("skip_layers", ()))
+        assert s.layer_bits == tuple((i, k, v) for i, (k, v) in pol.get("layer_bits", {}).items())
     s = main_setting(p.parse_args(["--policy", "default", "--bits", "4", "--k-bits", "5", "--sinks", "0"]))
     assert (s.k_bits, s.v_bits, s.sink, s.window) == (5, 3, 0, 64)
     s = main_setting(p.parse_args(["--bits", "4"]))
     assert (s.k_bits, s.v_bits, s.window, s.sink, tuple(s.skip_layers)) == (4, 4, 0, 0, ())
-    # --layer-bits: the policy's exact layer 0 given its own bits instead; explicit --skip-layers stay as given
-    s = main_setting(p.parse_args(["--policy", "default", "--bits", "4", "--layer-bits", "0:8/4"]))
-    assert (s.k_bits, s.v_bits, s.skip_layers, s.layer_bits) == (4, 3, (), ((0, 8, 4),))
+    # --layer-bits replaces the policy's; a layer kept exact by --skip-layers and given bits is not skipped twice
+    s = main_setting(p.parse_args(["--policy", "default", "--bits", "4", "--layer-bits", "0:6/4"]))
+    assert (s.k_bits, s.v_bits, s.skip_layers, s.layer_bits) == (4, 3, (), ((0, 6, 4),))
     s = main_setting(p.parse_args(["--bits", "4", "--skip-layers", "1", "--layer-bits", "0:8/4+2:6/4"]))
     assert (s.skip_layers, s.layer_bits) == ((1,), ((0, 8, 4), (2, 6, 4)))

@@ -111,7 +111,10 @@ def main_setting(args):
     kb = pick(args.k_bits, "k_bits", args.bits)
     vb = pick(args.v_bits, "v_bits", args.bits)
     skip = tuple(_ints(args.skip_layers)) if args.skip_layers is not None else tuple(policy.get("skip_layers", ()))
-    lb = parse_setting(f"tq:lb={args.layer_bits}").layer_bits if getattr(args, "layer_bits", None) else ()
+    if getattr(args, "layer_bits", None):
+        lb = parse_setting(f"tq:lb={args.layer_bits}").layer_bits
+    else:
+        lb = tuple((i, k, v) for i, (k, v) in sorted(policy.get("layer_bits", {}).items()))
     if args.skip_layers is None:  # the policy's exact layers, less those given their own bits
         skip = tuple(i for i in skip if i not in {layer for layer, _, _ in lb})
     return Setting("tq", kb, vb, window=pick(args.window, "window", 0), sink=pick(args.sinks, "sinks", 0),
@@ -127,10 +130,11 @@ def collect_settings(args, head_dim: int):
     if args.baselines:
         settings += baseline_settings(main.k_bits if main.k_bits == main.v_bits else 4, head_dim)
     settings += [parse_setting(s) for s in args.settings]
-    if args.recommend:  # the mixes, and the same with layer 0 exact (it rescues Qwen2.5: docs/QUALITY.md)
+    if args.recommend:  # the mixes, and the same with layer 0 at K8/V4 (it rescues Qwen2.5: docs/QUALITY.md)
         kw = {"window": main.window, "sink": main.sink}  # the exact tokens the user chose
         settings += [Setting("tq", k, v, **kw) for k, v in RECOMMEND_MIXES]
-        settings += [Setting("tq", k, v, skip_layers=(0,), **kw) for k, v in RECOMMEND_MIXES if 5 <= k + v <= 9]
+        settings += [Setting("tq", k, v, layer_bits=((0, 8, 4),), **kw) for k, v in RECOMMEND_MIXES
+                     if 5 <= k + v <= 9]  # fmt: skip
     unique = {}
     for s in settings:
         unique.setdefault(s.name, s)
