@@ -808,6 +808,8 @@ def _tq_reduce_kernel(
     wl_ptr = wm_ptr + n_rows
     row0 = bh.to(tl.int64) * NS * MP + r  # [BLOCK_R]: split 0 of each row
     o_row = b.to(tl.int64) * stride_ob + s.to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
+    vmv = tl.load(vm_ptr + b[:, None] * stride_vmb + kvh[:, None] * stride_vmh + (c * stride_vmd)[None, :],
+                  mask=imask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
     if ONE_ROUND:
         lin = row0[:, None] + (sp * MP)[None, :]  # compressed splits [0, NS_C)
         comp = imask[:, None] & (sp < NS_C)[None, :]
@@ -828,8 +830,6 @@ def _tq_reduce_kernel(
                                      mask=comp[:, :, None] & (k < HEAD_DIM)[None, None, :], other=0.0),)  # fmt: skip
             pis = pis + (tl.load(pi_ptr + (k * stride_pr)[:, None] + (c * stride_pc)[None, :],
                                  mask=(k < HEAD_DIM)[:, None] & cmask[None, :], other=0.0),)  # fmt: skip
-        vmv = tl.load(vm_ptr + b[:, None] * stride_vmb + kvh[:, None] * stride_vmh + (c * stride_vmd)[None, :],
-                      mask=imask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
         m_max = tl.maximum(tl.max(m, axis=1), tl.max(m_e, axis=1))
         m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.exp2(m - m_safe[:, None])  # 0 where masked (m = -inf)
@@ -840,64 +840,60 @@ def _tq_reduce_kernel(
         for kb in tl.static_range(HEAD_DP // BLOCK_K):
             rk = tl.sum(w[:, :, None] * parts[kb], axis=1)  # [BLOCK_R, BLOCK_K] merged rotated coordinates
             o += tl.sum(rk[:, :, None] * pis[kb][None, :, :], axis=1)
-        inv = tl.where(l_all > 0.0, 1.0 / tl.where(l_all > 0.0, l_all, 1.0), 0.0)
-        tl.store(o_ptr + o_row[:, None] + (c * stride_od)[None, :], (o * inv[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=imask[:, None] & cmask[None, :])  # fmt: skip
-        return
+    else:
+        m_all = tl.full([BLOCK_R, NS_BLOCK], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, NS, NS_BLOCK):
+            lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
+            smask = imask[:, None] & ((s0 + sp) < NS)[None, :]
+            m_all = tl.maximum(m_all, tl.load(wm_ptr + lin, mask=smask, other=float("-inf")))
+        m_max = tl.max(m_all, axis=1)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
 
-    m_all = tl.full([BLOCK_R, NS_BLOCK], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, NS, NS_BLOCK):
-        lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
-        smask = imask[:, None] & ((s0 + sp) < NS)[None, :]
-        m_all = tl.maximum(m_all, tl.load(wm_ptr + lin, mask=smask, other=float("-inf")))
-    m_max = tl.max(m_all, axis=1)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-
-    # compressed splits: l and the rotated partials, every BLOCK_K-wide slice of a split block loaded at once
-    # (one round of loads when NS_C <= NS_BLOCK), merged over the splits, then rotated back: times Pi[slice, c]
-    l_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
-    rks = ()
-    for _kb in tl.static_range(HEAD_DP // BLOCK_K):
-        rks = rks + (tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),)
-    for s0 in range(0, NS_C, NS_BLOCK):
-        lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
-        smask = imask[:, None] & ((s0 + sp) < NS_C)[None, :]
-        w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
-        l_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
-        new = ()
+        # compressed splits: l and the rotated partials, every BLOCK_K-wide slice of a split block loaded at once
+        # (one round of loads when NS_C <= NS_BLOCK), merged over the splits, then rotated back: times Pi[slice, c]
+        l_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
+        rks = ()
+        for _kb in tl.static_range(HEAD_DP // BLOCK_K):
+            rks = rks + (tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),)
+        for s0 in range(0, NS_C, NS_BLOCK):
+            lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
+            smask = imask[:, None] & ((s0 + sp) < NS_C)[None, :]
+            w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
+            l_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
+            new = ()
+            for kb in tl.static_range(HEAD_DP // BLOCK_K):
+                k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + k[None, None, :],
+                            mask=smask[:, :, None] & (k < HEAD_DIM)[None, None, :], other=0.0)  # fmt: skip
+                new = new + (rks[kb] + tl.sum(w[:, :, None] * a, axis=1),)
+            rks = new
+        l_comp = tl.sum(l_acc, axis=1)
+        o = l_comp[:, None] * vmv
         for kb in tl.static_range(HEAD_DP // BLOCK_K):
             k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + k[None, None, :],
-                        mask=smask[:, :, None] & (k < HEAD_DIM)[None, None, :], other=0.0)  # fmt: skip
-            new = new + (rks[kb] + tl.sum(w[:, :, None] * a, axis=1),)
-        rks = new
-    l_comp = tl.sum(l_acc, axis=1)
-    vmv = tl.load(vm_ptr + b[:, None] * stride_vmb + kvh[:, None] * stride_vmh + (c * stride_vmd)[None, :],
-                  mask=imask[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-    o = l_comp[:, None] * vmv
-    for kb in tl.static_range(HEAD_DP // BLOCK_K):
-        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        pi = tl.load(pi_ptr + (k * stride_pr)[:, None] + (c * stride_pc)[None, :],
-                     mask=(k < HEAD_DIM)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
-        if BLOCK_R >= 16:
-            o = tl.dot(rks[kb], pi, o, input_precision=PREC)
-        else:
-            o += tl.sum(rks[kb][:, :, None] * pi[None, :, :], axis=1)
+            pi = tl.load(pi_ptr + (k * stride_pr)[:, None] + (c * stride_pc)[None, :],
+                         mask=(k < HEAD_DIM)[:, None] & cmask[None, :], other=0.0)  # fmt: skip
+            if BLOCK_R >= 16:
+                o = tl.dot(rks[kb], pi, o, input_precision=PREC)
+            else:
+                o += tl.sum(rks[kb][:, :, None] * pi[None, :, :], axis=1)
 
-    # exact splits: original space
-    le_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
-    x_acc = tl.zeros([BLOCK_R, NS_BLOCK, BLOCK_C], dtype=tl.float32)
-    for s0 in range(NS_C, NS, NS_BLOCK):
-        lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
-        smask = imask[:, None] & ((s0 + sp) < NS)[None, :]
-        w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
-        le_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
-        a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + c[None, None, :],
-                    mask=smask[:, :, None] & cmask[None, None, :], other=0.0)  # fmt: skip
-        x_acc += w[:, :, None] * a
-    l_all = l_comp + tl.sum(le_acc, axis=1)
+        # exact splits: original space
+        le_acc = tl.zeros([BLOCK_R, NS_BLOCK], dtype=tl.float32)
+        x_acc = tl.zeros([BLOCK_R, NS_BLOCK, BLOCK_C], dtype=tl.float32)
+        for s0 in range(NS_C, NS, NS_BLOCK):
+            lin = row0[:, None] + ((s0 + sp) * MP)[None, :]
+            smask = imask[:, None] & ((s0 + sp) < NS)[None, :]
+            w = tl.exp2(tl.load(wm_ptr + lin, mask=smask, other=float("-inf")) - m_safe[:, None])
+            le_acc += w * tl.load(wl_ptr + lin, mask=smask, other=0.0)
+            a = tl.load(ws_ptr + lin[:, :, None] * HEAD_DP + c[None, None, :],
+                        mask=smask[:, :, None] & cmask[None, None, :], other=0.0)  # fmt: skip
+            x_acc += w[:, :, None] * a
+        l_all = l_comp + tl.sum(le_acc, axis=1)
+        o = o + tl.sum(x_acc, axis=1)
+
     inv = tl.where(l_all > 0.0, 1.0 / tl.where(l_all > 0.0, l_all, 1.0), 0.0)
-    o = (o + tl.sum(x_acc, axis=1)) * inv[:, None]
+    o = o * inv[:, None]
     tl.store(o_ptr + o_row[:, None] + (c * stride_od)[None, :], o.to(o_ptr.dtype.element_ty),
              mask=imask[:, None] & cmask[None, :])  # fmt: skip
 
