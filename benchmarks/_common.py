@@ -114,6 +114,21 @@ def copy_bandwidth(device: str | torch.device = "cuda", nbytes: int = GiB) -> fl
     return 2 * nbytes / (ms * 1e-3)
 
 
+def start_gpu_script() -> bool:
+    """Common start of the one-off GPU scripts: warnings off; without a CUDA GPU say so and return False;
+    else print the device, torch, Triton and the UTC date (the header of every raw result) and return True."""
+    import warnings
+
+    import triton
+
+    warnings.filterwarnings("ignore")
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return False
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, _dt.datetime.now(_dt.UTC), flush=True)
+    return True
+
+
 def default_out_dir() -> str:
     return os.environ.get("OUT") or str(Path(__file__).resolve().parent / "out")
 

@@ -7,31 +7,27 @@ bandwidth on bytes read + written.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import sys
-import warnings
+from pathlib import Path
 
 import torch
-import triton
 import triton.testing as tt
 
-import turboquant_vllm.kernels.tq_compress as tqc
-from turboquant_vllm.layout import Codecs, KVLayout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth, start_gpu_script  # noqa: E402
+
+import turboquant_vllm.kernels.tq_compress as tqc  # noqa: E402
+from turboquant_vllm.layout import Codecs, KVLayout  # noqa: E402
 
 CONFIGS = [(64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (32, 4), (32, 2), (16, 2)]  # (block_s, num_warps)
 SHAPES = [(16, 2048), (1, 32768), (16, 1)]  # (B, new tokens); 8 kv heads
 
 
 def main() -> int:
-    warnings.filterwarnings("ignore")
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+    if not start_gpu_script():
         return 1
-    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.datetime.now(datetime.UTC))
-    src = torch.empty(1 << 28, device="cuda", dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (tt.do_bench(lambda: dst.copy_(src), rep=100, return_mode="median") * 1e-3)
+    bw = copy_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     codecs = Codecs.build(KVLayout(128, 4, 4), device="cuda")
     default = dict(tqc.CONFIG)

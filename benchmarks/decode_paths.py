@@ -11,18 +11,16 @@ configs and, where B * Hkv < 32, at two split counts; % of bandwidth = compresse
 
 from __future__ import annotations
 
-import datetime
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 import triton.testing as tt
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import start_gpu_script  # noqa: E402
 from attention import check_decode, make_compressed  # noqa: E402
 
 import turboquant_vllm.kernels.tq_attention as tqa  # noqa: E402
@@ -163,10 +161,9 @@ def time_shape(b, n, hkv, d, kb, vb) -> str:
 
 
 def main() -> int:
-    warnings.filterwarnings("ignore")
+    if not start_gpu_script():
+        return 1
     mode = sys.argv[1] if len(sys.argv) > 1 else "all"
-    now = datetime.datetime.now(datetime.UTC)
-    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, now, flush=True)
     pick = [int(i) for i in sys.argv[2].split(",")] if len(sys.argv) > 2 else None  # e.g. "check 0,2"
     if mode in ("all", "check"):
         for i, case in enumerate(CHECK_CASES):

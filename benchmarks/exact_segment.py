@@ -8,16 +8,14 @@ compiled kernel (kernels/_launch.py) gives the same bits as one through Triton's
 
 from __future__ import annotations
 
-import datetime
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-import triton
 import triton.testing as tt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import start_gpu_script  # noqa: E402
 from attention import make_compressed  # noqa: E402
 from decode_paths import BW, sdpa_ms  # noqa: E402
 
@@ -54,11 +52,8 @@ def row(b: int, n: int) -> str:
 
 
 def main() -> int:
-    warnings.filterwarnings("ignore")
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+    if not start_gpu_script():
         return 1
-    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.datetime.now(datetime.UTC))
     for b, n in SHAPES:
         print(row(b, n), flush=True)
     return 0

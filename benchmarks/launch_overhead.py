@@ -10,29 +10,24 @@ Triton's launch path (jit.py run, the specialization of every argument, the laun
 from __future__ import annotations
 
 import cProfile
-import datetime
 import io
 import pstats
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import start_gpu_script  # noqa: E402
 from attention import make_compressed  # noqa: E402
 
 from turboquant_vllm.kernels.tq_attention import tq_attention  # noqa: E402
 
 
 def main() -> int:
-    warnings.filterwarnings("ignore")
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+    if not start_gpu_script():
         return 1
-    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, datetime.datetime.now(datetime.UTC))
     kv, _, _ = make_compressed(1, 8, 32768, 128, 4, 4, torch.float16, "cuda")
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
     out = torch.empty(1, 1, 32, 128, device="cuda", dtype=torch.float16)
