@@ -1,4 +1,5 @@
-"""tq_compress / tq_compress_kv over tile configs (tokens per program, warps): CUDA-graph replay medians, fp16,
+"""tq_compress / tq_compress_kv over tile configs (tokens per block, warps, blocks per program, pipeline stages,
+rotation stored transposed): CUDA-graph replay medians, fp16,
 head_dim 128, 4-bit, each config checked bit-exact against the default's output first. % of the measured copy
 bandwidth on bytes read + written.
 
@@ -20,7 +21,11 @@ from _common import copy_bandwidth, start_gpu_script  # noqa: E402
 import turboquant_vllm.kernels.tq_compress as tqc  # noqa: E402
 from turboquant_vllm.layout import Codecs, KVLayout  # noqa: E402
 
-CONFIGS = [(64, 4), (64, 8), (128, 4), (128, 8), (256, 8), (32, 4), (32, 2), (16, 2)]  # (block_s, num_warps)
+# (block_s, num_warps, tiles, num_stages, pi_t); the first is the default
+CONFIGS = [(64, 4, 1, None, False), (64, 4, 1, None, True), (64, 8, 1, None, False), (128, 8, 1, None, False),
+           (64, 4, 2, None, False), (64, 4, 4, None, False), (64, 4, 8, None, False), (64, 4, 4, 1, False),
+           (64, 4, 4, 2, False), (64, 4, 4, 3, False), (64, 4, 4, 2, True), (32, 4, 4, 2, False),
+           (32, 4, 8, 2, False), (32, 2, 8, 2, False), (64, 8, 4, 2, False), (128, 8, 2, 2, False)]  # fmt: skip
 SHAPES = [(16, 2048), (1, 32768), (16, 1)]  # (B, new tokens); 8 kv heads
 
 
@@ -45,17 +50,18 @@ def main() -> int:
         one()
         ref = kp.clone()
         res = []
-        for block_s, warps in CONFIGS:
-            tqc.CONFIG.update(block_s=block_s, num_warps=warps, tiles=1)
+        for block_s, warps, tiles, stages, pi_t in CONFIGS:
+            tqc.CONFIG.update(block_s=block_s, num_warps=warps, tiles=tiles, num_stages=stages, pi_t=pi_t)
             kp.zero_()
             one()
             ok = torch.equal(kp, ref)
             t = tt.do_bench_cudagraph(one, rep=50, return_mode="median")
             tp = tt.do_bench_cudagraph(pair, rep=50, return_mode="median")
-            res.append(f"{block_s}/{warps}: {t:.4f} ms {100 * moved / (t * 1e-3) / bw:.0f}% pair {tp:.4f} ms "
+            name = f"{block_s}/{warps}/t{tiles}/s{stages}{'/piT' if pi_t else ''}"
+            res.append(f"{name}: {t:.4f} ms {100 * moved / (t * 1e-3) / bw:.0f}% pair {tp:.4f} ms "
                        f"{200 * moved / (tp * 1e-3) / bw:.0f}% ok={ok}")  # fmt: skip
         tqc.CONFIG.update(default)
-        print(f"B{b} S{s}: " + " | ".join(res), flush=True)
+        print(f"B{b} S{s}:\n  " + "\n  ".join(res), flush=True)
     return 0
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from turboquant_vllm.core.kvcodec import attention_reference
 from turboquant_vllm.quality import assets
 from turboquant_vllm.quality.baselines import (
     FakeQuantLayer,
@@ -24,7 +25,16 @@ from turboquant_vllm.quality.baselines import (
     groupwise_round_trip,
     parse_setting,
 )
-from turboquant_vllm.quality.layerwise import capture, diagnose, layer_errors, warnings_for
+from turboquant_vllm.quality.layerwise import (
+    capture,
+    decode_attention,
+    diagnose,
+    layer_errors,
+    warnings_for,
+)
+from turboquant_vllm.quality.layerwise import (
+    reconstruct as _reconstruct,
+)
 from turboquant_vllm.quality.needle import INSTRUCTION, NEEDLE, QUESTION, build_needle_prompt, first_number
 from turboquant_vllm.quality.perplexity import compare_caches, greedy_agreement, greedy_generate, perplexity
 
@@ -364,6 +374,32 @@ def test_capture_matches_cache_and_layer_errors():
     assert all(0.8 < e.attn_cos < 0.99999 and 0.05 < e.k_rel < 0.4 for e in lossy)
     worse = layer_errors(model, caps, Setting("tq", 2, 2), prefill=4)
     assert sum(e.attn_rel for e in worse) > sum(e.attn_rel for e in lossy)
+
+
+def test_decode_view_matches_a_cache_filled_token_by_token():
+    """attn_cos_decode's attention equals each decode step's attention over what the real cache returns."""
+    model = tiny_llama(layers=2)
+    ids = ids_of(30, seed=7)
+    caps = capture(model, ids)
+    setting = parse_setting("tq:k=3,v=2,window=5,sink=2")
+    prefill = 8
+    for idx, c in caps.items():
+        held = setting.make_cache(model.config).layers[idx]
+        kq, vq = _reconstruct(setting.make_cache(model.config).layers[idx], c.key, c.value, prefill)
+        got = decode_attention(c.query, c.key, c.value, kq, vq, 5, c.scaling)  # [1, T, Hq, D]
+        held.update(c.key[:, :, :prefill], c.value[:, :, :prefill])
+        rows = []
+        for i in range(prefill, c.key.shape[-2]):  # one decode step per token: attend what update() returns
+            k, v = held.update(c.key[:, :, i : i + 1], c.value[:, :, i : i + 1])
+            rows.append(attention_reference(c.query[:, :, i : i + 1], k, v, scale=c.scaling))
+        want = torch.cat(rows, dim=1)
+        torch.testing.assert_close(got[:, prefill:].float(), want, atol=2e-5, rtol=1e-4)
+        ref = attention_reference(c.query, c.key, c.value, causal=True, scale=c.scaling)
+        assert (got[:, prefill:].float() - ref[:, prefill:]).abs().max() > 1e-3  # the compressed tokens count
+    errs = layer_errors(model, caps, setting, prefill=prefill)
+    assert all(e.attn_cos < e.attn_cos_decode < 1.0 for e in errs)  # the window helps, nothing is exact
+    exact = layer_errors(model, caps, Setting("fp16"), prefill=4)
+    assert all(e.attn_cos_decode > 0.99999 for e in exact)
 
 
 def test_diagnose_flags_a_shared_key_offset():

@@ -103,6 +103,14 @@ def test_several_blocks_per_program(device, monkeypatch, tiles):
     _run(device, 1, 2, 16 * 2 + 1, 96, 3, torch.float16)
 
 
+def test_rotation_stored_transposed(device, monkeypatch):
+    """CONFIG["pi_t"]: the fp16 rotation read from Pi^T storage (and pipelined tiles); same result."""
+    monkeypatch.setitem(tqc.CONFIG, "pi_t", True)
+    monkeypatch.setitem(tqc.CONFIG, "tiles", 2)
+    monkeypatch.setitem(tqc.CONFIG, "num_stages", 2)
+    _run(device, 1, 2, 16 * 2 + 5, 128, 4, torch.float16)
+
+
 def test_long_sequence_several_tiles(device):
     _run(device, 1, 1, 70, 64, 4, torch.float32, offset=0, extra=0)
 

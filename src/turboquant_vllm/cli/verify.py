@@ -149,7 +149,8 @@ def print_table(rows: list[dict], out=print) -> None:
     cols = [("setting", "setting", "{}"), ("B/tok/head", "bytes", "{:.1f}"), ("bits", "bits", "{:.2f}"),
             ("ppl", "ppl", "{:.4f}"), ("dppl", "ppl_change_pct", "{:+.2f}%"), ("top1", "top1", "{:.2%}"),
             ("KL", "kl", "{:.4f}"), ("greedy", "greedy_agreement", "{:.1%}"), ("needle", "needle", "{}"),
-            ("attn cos min", "attn_cos_min", "{:.4f}"), ("how", "how", "{}")]  # fmt: skip
+            ("attn cos min", "attn_cos_min", "{:.4f}"), ("decode cos min", "attn_cos_decode_min", "{:.4f}"),
+            ("how", "how", "{}")]  # fmt: skip
     cells = [[h for h, _, _ in cols]]
     for r in rows:
         line = []
@@ -175,7 +176,9 @@ def make_plot(path: str, result: dict) -> None:
     main = result["main_setting"]
     if main in lw:
         layers = [e["layer"] for e in lw[main]]
-        a1.plot(layers, [1 - e["attn_cos"] for e in lw[main]], "o-", label="1 - attention-output cosine")
+        a1.plot(layers, [1 - e["attn_cos"] for e in lw[main]], "o-", label="1 - attention-output cosine (all past)")
+        a1.plot(layers, [1 - e.get("attn_cos_decode", 1.0) for e in lw[main]], "o:",
+                label="1 - attention-output cosine (as decode sees it)")  # fmt: skip
         a1.plot(layers, [e["k_rel"] for e in lw[main]], "s--", label="K relative error")
         a1.plot(layers, [e["v_rel"] for e in lw[main]], "^--", label="V relative error")
         a1.set_yscale("log")
@@ -300,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
             result["layerwise"][s.name] = [asdict(e) for e in errs]
             by_name[s.name]["attn_cos_min"] = min(e.attn_cos for e in errs)
             by_name[s.name]["attn_cos_mean"] = sum(e.attn_cos for e in errs) / len(errs)
+            by_name[s.name]["attn_cos_decode_min"] = min(e.attn_cos_decode for e in errs)
+            by_name[s.name]["attn_cos_decode_mean"] = sum(e.attn_cos_decode for e in errs) / len(errs)
             if s is main:
                 warnings = warnings_for(diag, errs)
         result["layerwise_seconds"] = time.perf_counter() - t0

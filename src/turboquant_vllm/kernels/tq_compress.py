@@ -43,8 +43,11 @@ _MAX_HEAD_DIM = 256
 # float32 inputs: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) spills on sm_90.
 _DOT_PREC = "tf32x3"
 # Tokens per block and warps (module-level so benchmarks can sweep them): 16-bit inputs, float32 inputs; blocks per
-# program ("tiles": 1 = one block each, as measured so far; more re-use the rotation's columns from L1).
-CONFIG = {"block_s": 64, "num_warps": 4, "block_s_f32": 16, "num_warps_f32": 4, "tiles": 1}
+# program ("tiles": 1 = one block each, as measured so far; more re-use the rotation's columns from L1) and the
+# software-pipelining depth of that loop ("num_stages": None = Triton's default); "pi_t": the fp16 rotation stored
+# transposed (Pi^T contiguous: the kernel's [D, U] column slices become row-contiguous runs).
+CONFIG = {"block_s": 64, "num_warps": 4, "block_s_f32": 16, "num_warps_f32": 4, "tiles": 1, "num_stages": None,
+          "pi_t": False}  # fmt: skip
 _HALF_PI: dict = {}  # (data_ptr, device) -> (rotation, fp16 copy)
 
 
@@ -248,13 +251,16 @@ def _tq_compress_kernel(
                        TILES)  # fmt: skip
 
 
-def _half_rotation(rotation: torch.Tensor) -> torch.Tensor:
-    """fp16 copy of the rotation, made once per rotation tensor (a Codecs' rotation lives as long as its cache)."""
-    key = (rotation.data_ptr(), rotation.device)
+def _half_rotation(rotation: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """fp16 copy of the rotation, made once per rotation tensor (a Codecs' rotation lives as long as its cache);
+    transposed: a view of Pi whose storage is Pi^T (the same values at Pi's indices)."""
+    key = (rotation.data_ptr(), rotation.device, transposed)
     hit = _HALF_PI.get(key)
     if hit is not None and hit[0] is rotation:
         return hit[1]
     half = rotation.to(torch.float16)
+    if transposed:
+        half = half.t().contiguous().t()
     if len(_HALF_PI) >= 16:
         _HALF_PI.clear()
     _HALF_PI[key] = (rotation, half)
@@ -337,13 +343,16 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
     if x.dtype == torch.float32:
         pi, block_s, warps = rotation, CONFIG["block_s_f32"], CONFIG["num_warps_f32"]
     else:
-        pi, block_s, warps = _half_rotation(rotation), CONFIG["block_s"], CONFIG["num_warps"]
+        pi, block_s, warps = _half_rotation(rotation, CONFIG["pi_t"]), CONFIG["block_s"], CONFIG["num_warps"]
     if interpreting():
         block_s = 16
     block_s = min(block_s, max(16, next_pow2(seq)))
     tiles = max(1, min(CONFIG["tiles"], _cdiv(seq, block_s)))
     if hdp > 128:
         warps = max(warps, 8)
+    options = {"num_warps": warps}
+    if CONFIG["num_stages"] is not None:
+        options["num_stages"] = CONFIG["num_stages"]
     args, geo = [], {}
     slots = parts if len(parts) == 2 else parts * 2  # a single part fills both kernel slots (the second unread)
     for i, (t, mean, bnd, bits, pk, nr) in enumerate(slots):
@@ -356,7 +365,7 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
         (*args, pi, *pi.stride(), heads, seq, 0 if on_device else offset, *off_args),
         dict(**geo, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device,
              PAIR=len(parts) == 2, TILES=tiles),
-        num_warps=warps,
+        **options,
     )  # fmt: skip
 
 

@@ -5,7 +5,9 @@ query (after RoPE), key and value tensors attention sees, then calls SDPA as usu
 each layer's K/V through a setting's codec (the compressed layer itself for TurboQuant: a prefix update,
 then the rest, as decode fills it) and compares, per layer: cosine and relative error of the reconstructed
 K and V, and of the causal attention output computed with the real queries over reconstructed vs exact
-K/V (every past token reconstructed; the diagonal too, a slightly harsher test than decode).
+K/V in two views: `attn_cos` reconstructs every past token of every query (the diagonal too: harsher than
+decode), `attn_cos_decode` gives each query what a token-by-token decode step would see (`decode_attention`:
+its own token and the layer's recent window exact, sinks exact, the rest reconstructed).
 
 `diagnose` reports per layer: the shared key offset (||mean key|| / mean ||key||, max over heads), outlier
 channels (max channel RMS / median channel RMS) and the attention mass on token 0 (attention sinks).
@@ -91,6 +93,46 @@ def _cos_rel(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
     return float(cos.mean()), float(cos.min()), rel
 
 
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    keys_rec: torch.Tensor,
+    values_rec: torch.Tensor,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention as token-by-token decode sees a windowed cache. query [1, Hq, T, D]; keys / values
+    (exact) and keys_rec / values_rec (what the cache holds: [sinks exact | reconstructed | last window exact])
+    [1, Hkv, T, D]. Query i takes key j exact when j >= i - window (the window's tokens and its own), else the
+    reconstructed one. Returns float64 [1, T, Hq, D]."""
+    q = query.double()
+    g = q.shape[1] // keys.shape[1]
+
+    def rep(x: torch.Tensor) -> torch.Tensor:
+        return x.double().repeat_interleave(g, dim=1)
+
+    t = q.shape[-2]
+    i = torch.arange(t, device=q.device).view(-1, 1)
+    j = torch.arange(t, device=q.device).view(1, -1)
+    exact = j >= i - window  # [T, T]
+    s_exact = (q @ rep(keys).transpose(-1, -2)) * scale
+    s_rec = (q @ rep(keys_rec).transpose(-1, -2)) * scale
+    scores = torch.where(exact, s_exact, s_rec).masked_fill(j > i, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = (p * exact) @ rep(values) + (p * ~exact) @ rep(values_rec)
+    return out.transpose(1, 2)
+
+
+def _window_of(layer) -> int | None:
+    """The recent-window length of a cache layer that compresses (None for an exact layer)."""
+    if isinstance(layer, CompressedLayer):
+        return layer.settings.window
+    if isinstance(layer, FakeQuantLayer):
+        return layer.window
+    return None
+
+
 @dataclass
 class LayerError:
     layer: int
@@ -101,6 +143,8 @@ class LayerError:
     attn_cos: float  # mean over (token, head) of the attention-output cosine
     attn_cos_min_head: float  # the worst head's mean cosine
     attn_rel: float
+    attn_cos_decode: float = 1.0  # mean over (token, head), each query seeing what a decode step sees
+    attn_cos_decode_min_head: float = 1.0
 
 
 @torch.no_grad()
@@ -117,7 +161,14 @@ def layer_errors(model, captures: dict[int, LayerCapture], setting: Setting, *, 
         got = attention_reference(c.query, kq, vq, causal=True, scale=c.scaling)
         per = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1, eps=1e-30)  # [1, T, Hq]
         rel = float((got - ref).double().norm() / ref.double().norm().clamp_min(1e-30))
-        out.append(LayerError(idx, k_cos, k_rel, v_cos, v_rel, float(per.mean()), float(per.mean((0, 1)).min()), rel))
+        window = _window_of(layer)
+        dec_cos = dec_min = 1.0
+        if window is not None:
+            dec = decode_attention(c.query, c.key, c.value, kq, vq, window, c.scaling)
+            per_dec = torch.nn.functional.cosine_similarity(dec, ref.double(), dim=-1, eps=1e-30)
+            dec_cos, dec_min = float(per_dec.mean()), float(per_dec.mean((0, 1)).min())
+        out.append(LayerError(idx, k_cos, k_rel, v_cos, v_rel, float(per.mean()), float(per.mean((0, 1)).min()), rel,
+                              dec_cos, dec_min))  # fmt: skip
     return out
 
 
