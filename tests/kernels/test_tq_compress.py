@@ -256,3 +256,48 @@ def test_bad_inputs_raise(device, case):
     args[pos] = change(args[pos])
     with pytest.raises(exc, match=match):
         tq_compress(*args)
+
+
+def _cell_quantize(y: torch.Tensor, plan) -> torch.Tensor:
+    """What _cell_table_asm's PTX computes, in float32 torch ops: cell, shuffle (a table lookup), one compare."""
+    scale, shift, entries = plan
+    t = torch.addcmul(torch.tensor(shift, dtype=torch.float32), y, torch.tensor(scale, dtype=torch.float32))
+    t = t.clamp(0.0, 31.0)
+    cell = ((t + 12582912.0) - 12582912.0).to(torch.int64)  # round to nearest even, as add.rn then the low bits
+    raw = torch.tensor(entries, dtype=torch.int64)[cell]
+    bound = raw.to(torch.int32).view(torch.float32)
+    return (raw & 15) + (y > bound).to(torch.int64)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cell_table_quantizer_matches_bucketize(bits, d):
+    """The GPU cell-table quantizer's plan, emulated: the same index as torch.bucketize except within ~1e-6 of a
+    boundary (the packed boundary moves by < 16 ulp), on random, near-boundary and far-out values."""
+    from turboquant_vllm.layout import Codecs, KVLayout
+
+    bnd = Codecs.build(KVLayout(d, bits, bits)).k_boundaries.float()
+    plan = tqc._cell_plan(bnd.tolist())
+    assert plan is not None
+    assert tqc._cell_table_asm(bnd.tolist()).count("selp.b32") == 31
+    g = torch.Generator().manual_seed(bits * 1000 + d)
+    y = torch.cat(
+        [
+            torch.randn(200_000, generator=g) * d**-0.5,
+            torch.randn(10_000, generator=g) * 10,  # far out: the clamped end cells
+            (bnd[:, None] * (1 + torch.randn(bnd.numel(), 2000, generator=g) * 1e-3)).flatten(),  # near boundaries
+        ]
+    )
+    want = torch.bucketize(y, bnd)
+    got = _cell_quantize(y, plan)
+    diff = got != want
+    near = ((y[:, None] - bnd[None, :]).abs() <= 1e-5 * bnd.abs().clamp_min(1e-3)).any(-1)
+    assert not (diff & ~near).any(), "a mismatch away from every boundary"
+    assert diff.float().mean() < 1e-4
+    assert ((got - want).abs() <= 1).all()
+
+
+def test_cell_plan_refuses_what_it_cannot_hold():
+    assert tqc._cell_plan([0.0] * 3) is None  # not increasing
+    assert tqc._cell_plan([float(i) for i in range(16)]) is None  # > 15 boundaries
+    assert tqc._cell_plan([0.0, 1e-6, 1.0]) is None  # two boundaries closer than a cell of any grid that holds both
