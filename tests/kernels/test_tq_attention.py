@@ -533,7 +533,9 @@ class Capture:
 
 A.interpreting = C.interpreting = lambda: False
 A._num_sms = lambda i: 132
+A._pdl_on = lambda dev: True  # decode as programmatic dependent launches (griddepcontrol PTX)
 C.use_triton = lambda *t: True
+C._quantize_asm = lambda b, bits: C._cell_table_asm(b.tolist()) if bits <= 4 else ""  # the GPU's quantizer PTX
 attn = A._tq_attn_kernel
 A._tq_reduce_kernel = Capture(A._tq_reduce_kernel)
 A._tq_qrot_kernel = Capture(A._tq_qrot_kernel)

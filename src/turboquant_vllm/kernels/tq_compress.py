@@ -4,9 +4,17 @@
 ``tq_compress(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset)`` writes tokens
 ``x[:, :, s]`` into positions ``offset + s`` of ``out_packed`` / ``out_norms`` in one pass per tile of
 BLOCK_S tokens: subtract the mean, take the norm, divide, rotate (``tl.dot`` with ``Pi^T``), quantize
-(index = number of boundaries < y, i.e. ``torch.bucketize``: the boundaries are loaded once per program as
-scalars; a branch-free binary search selecting among them for <= 4 bits, a linear count above), and pack
-per the plane layout of core/packing.py (docs/LAYOUT.md).
+(index = number of boundaries < y, i.e. ``torch.bucketize``), and pack per the plane layout of core/packing.py
+(docs/LAYOUT.md).
+
+Quantizer. On the GPU, for <= 4 bits and 16-bit inputs: a cell table held in the lanes of each warp (built from
+immediates, ``_cell_table_asm``): y's cell on a uniform 32-cell grid picks, by one warp shuffle, the count of
+boundaries below the cell and the one boundary inside it; one compare finishes (~9 instructions per element
+against ~16 for a binary search; the kernel was bound by integer / select issue: 31% -> 51-55% of copy bandwidth
+on the H100). The packed boundary moves by < 16 ulp, so an index can differ from bucketize's within ~1e-6 of a
+boundary (2.4e-6 of the bytes on random data, far inside the fp16 rotation's own ~1e-3). Elsewhere (float32
+inputs, > 4 bits, the interpreter, during a CUDA-graph capture of a boundaries tensor never seen before): a
+branch-free binary search over the boundaries held as scalars (<= 4 bits) or gathered (above).
 
 Rotation precision. fp16 / bf16 inputs: one tensor-core pass with the unit vector and Pi in fp16 (float32
 accumulation; Pi converted once per rotation tensor and cached). The result differs from the float32
@@ -44,12 +52,13 @@ __all__ = ["compress_kv_unchecked", "tq_compress", "tq_compress_kv"]
 _MAX_HEAD_DIM = 256
 # float32 inputs: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) spills on sm_90.
 _DOT_PREC = "tf32x3"
-# Tokens per block and warps (module-level so benchmarks can sweep them): 16-bit inputs, float32 inputs; blocks per
+# Tokens per block and warps (module-level so benchmarks can sweep them; 128 / 8 best of 10 on the H100 with the cell
+# table, benchmarks/compress_configs.py): 16-bit inputs, float32 inputs; blocks per
 # program ("tiles": 1 = one block each, as measured so far; more re-use the rotation's columns from L1) and the
 # software-pipelining depth of that loop ("num_stages": None = Triton's default); "pi_t": the fp16 rotation stored
 # transposed (Pi^T contiguous: the kernel's [D, U] column slices become row-contiguous runs); "cell_table": the
 # warp-shuffle cell-table quantizer on the GPU for <= 4 bits (_quantize's QASM; False: the binary search).
-CONFIG = {"block_s": 64, "num_warps": 4, "block_s_f32": 16, "num_warps_f32": 4, "tiles": 1, "num_stages": None,
+CONFIG = {"block_s": 128, "num_warps": 8, "block_s_f32": 16, "num_warps_f32": 4, "tiles": 1, "num_stages": None,
           "pi_t": False, "cell_table": True}  # fmt: skip
 _HALF_PI: dict = {}  # (data_ptr, device) -> (rotation, fp16 copy)
 
