@@ -260,11 +260,13 @@ def _sub_vals(u8, u4, u2, u1, tab_base, lane_tab, T: tl.constexpr, BITS: tl.cons
         if (BITS & 4) != 0:
             lo = _field(u4, T, 4, HEAD_DIM // 2, 0, W, E, HEAD_DIM, UWP, 0, False)
             hi = _field(u1, T, 1, HEAD_DIM // 8, 4, W, E, HEAD_DIM, UWP, 0, False)
-            off = (lo & 15) | (hi & -16)
+            off = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 15, 0xE4;", "=r,r,r", [lo, hi], dtype=tl.int32,
+                                            is_pure=True, pack=1)  # (lo & 15) | (hi & ~15): one LOP3  # fmt: skip
         else:
             lo = _field(u2, T, 2, HEAD_DIM // 4, 0, W, E, HEAD_DIM, UWP, 0, False)
             hi = _field(u1, T, 1, HEAD_DIM // 8, 2, W, E, HEAD_DIM, UWP, 0, False)
-            off = (lo & 3) | (hi & -4)
+            off = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 3, 0xE4;", "=r,r,r", [lo, hi], dtype=tl.int32,
+                                            is_pure=True, pack=1)  # (lo & 3) | (hi & ~3): one LOP3  # fmt: skip
     else:
         off = 0
         if (BITS & 4) != 0:
