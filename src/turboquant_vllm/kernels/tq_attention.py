@@ -1156,9 +1156,9 @@ SUBTILE_DECODE = True  # decode (<= 16 query rows per program): the sub-tile pat
 DECODE_CONFIG: tuple[int, int, int] | None = None  # (BLOCK_N, num_warps, num_stages) override of the sub-tile path
 DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice, measured best)
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
-# Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path): each kernel's launch and
-# start overlap the end of the one before; each waits (griddepcontrol.wait) before its first load. PDL_TRIGGER:
-# the attention kernel lets the reduction launch at its start when its grid fits in one wave. TQ_PDL=0: off.
+# Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path, attention grids of one
+# wave): each kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before
+# its first load. PDL_TRIGGER: the attention kernel lets the reduction launch at its start. TQ_PDL=0: off.
 PDL = os.environ.get("TQ_PDL", "1") != "0"
 PDL_TRIGGER = False  # measured: 1 x 4K 15.7 us with it, 14.6 without; 1 x 128K 85.9 vs 86.4
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
@@ -1385,10 +1385,13 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     bh = bsz * hkv
     subtile = _use_subtile(block_m, query.dtype, interp)
     resident = _DECODE_RESIDENT if subtile and not interp else 2
-    pdl = PDL and subtile and not interp and _pdl_on(dev)
-    pdl_opt = {"launch_pdl": True} if pdl else {}
     chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m, resident)
     ns = ns_c + ns_e
+    # PDL only where the attention grid fits in one wave of resident programs: measured gains there (1 x 4K
+    # 16.0 -> 14.6 us), and a loss on a bigger grid (16 x 32K at head_dim 64: 167 -> 227 us, H100).
+    pdl = (PDL and subtile and not interp and _pdl_on(dev)
+           and m_blocks * bh * ns <= _num_sms(dev.index or 0) * resident)  # fmt: skip
+    pdl_opt = {"launch_pdl": True} if pdl else {}
     if bh > _MAX_GRID_YZ or ns > _MAX_GRID_YZ:
         raise ValueError(f"B * Hkv ({bh}) and the KV split count ({ns}) must be <= {_MAX_GRID_YZ} (CUDA grid limit)")
     scale = d**-0.5 if scale is None else float(scale)
@@ -1456,8 +1459,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     elif subtile:
         bn, warps, stages = DECODE_CONFIG or _decode_config(hdp, rows)
         extra = {} if DECODE_MAXNREG is None else {"maxnreg": DECODE_MAXNREG}
-        one_wave = pdl and m_blocks * bh * ns <= _num_sms(dev.index or 0) * resident
-        pdl_flags = {"PDL": pdl, "PDL_TRIGGER": pdl and PDL_TRIGGER and one_wave}
+        pdl_flags = {"PDL": pdl, "PDL_TRIGGER": pdl and PDL_TRIGGER}
         _ATTN(grid, args, {**meta, **flags, "BLOCK_N": bn, "BLOCK_E": 16, **pdl_flags}, num_warps=warps,
               num_stages=stages, **extra, **pdl_opt)  # fmt: skip
     else:
