@@ -1156,8 +1156,7 @@ SUBTILE_DECODE = True  # decode (<= 16 query rows per program): the sub-tile pat
 DECODE_CONFIG: tuple[int, int, int] | None = None  # (BLOCK_N, num_warps, num_stages) override of the sub-tile path
 DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice, measured best)
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
-# Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path, attention grids of one
-# wave): each kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before
+# Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path, light grids): each kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before
 # its first load. PDL_TRIGGER: the attention kernel lets the reduction launch at its start. TQ_PDL=0: off.
 PDL = os.environ.get("TQ_PDL", "1") != "0"
 PDL_TRIGGER = False  # measured: 1 x 4K 15.7 us with it, 14.6 without; 1 x 128K 85.9 vs 86.4
@@ -1387,10 +1386,10 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     resident = _DECODE_RESIDENT if subtile and not interp else 2
     chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m, resident)
     ns = ns_c + ns_e
-    # PDL only where the attention grid fits in one wave of resident programs: measured gains there (1 x 4K
-    # 16.0 -> 14.6 us), and a loss on a bigger grid (16 x 32K at head_dim 64: 167 -> 227 us, H100).
-    pdl = (PDL and subtile and not interp and _pdl_on(dev)
-           and m_blocks * bh * ns <= _num_sms(dev.index or 0) * resident)  # fmt: skip
+    # PDL only for light grids (<= 2 programs per SM; latency-bound calls): measured there 1 x 4K 16.0 -> 14.6 us,
+    # 1 x 32K 21.3 -> 20.3 (head_dim 64). On a full wave it cost up to 36% (16 x 32K, head_dim 64, 1024 programs:
+    # 167 -> 227 us on the H100): the early-launched programs appear to land unevenly across the SMs.
+    pdl = PDL and subtile and not interp and _pdl_on(dev) and m_blocks * bh * ns <= 2 * _num_sms(dev.index or 0)
     pdl_opt = {"launch_pdl": True} if pdl else {}
     if bh > _MAX_GRID_YZ or ns > _MAX_GRID_YZ:
         raise ValueError(f"B * Hkv ({bh}) and the KV split count ({ns}) must be <= {_MAX_GRID_YZ} (CUDA grid limit)")
