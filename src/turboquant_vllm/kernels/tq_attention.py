@@ -1156,8 +1156,9 @@ SUBTILE_DECODE = True  # decode (<= 16 query rows per program): the sub-tile pat
 DECODE_CONFIG: tuple[int, int, int] | None = None  # (BLOCK_N, num_warps, num_stages) override of the sub-tile path
 DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice, measured best)
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
-# Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path, light grids): each kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before
-# its first load. PDL_TRIGGER: the attention kernel lets the reduction launch at its start. TQ_PDL=0: off.
+# Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path, light grids): each
+# kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before its first
+# load. PDL_TRIGGER: the attention kernel lets the reduction launch at its start. TQ_PDL=0: off.
 PDL = os.environ.get("TQ_PDL", "1") != "0"
 PDL_TRIGGER = False  # measured: 1 x 4K 15.7 us with it, 14.6 without; 1 x 128K 85.9 vs 86.4
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
