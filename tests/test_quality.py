@@ -483,3 +483,21 @@ def test_registry_names_texts_and_paths(tmp_path, monkeypatch):
     assert assets.locate_model("org/model") == ("org/model", None)
     with pytest.raises(KeyError):
         assets.load_text("no-such-text")
+
+
+def test_repair_layers_lifts_the_layers_below_the_threshold():
+    """repair_layers raises the bits of exactly the layers below the cosine threshold and re-measures them."""
+    from turboquant_vllm.quality.layerwise import repair_layers
+
+    model = tiny_llama(layers=3)
+    caps = capture(model, ids_of(40, seed=9))
+    setting = parse_setting("tq:k=2,v=2,window=4,sink=1")
+    before = layer_errors(model, caps, setting, prefill=8)
+    threshold = sorted(e.attn_cos_decode for e in before)[1]  # the worst layer alone is below
+    fixed, after = repair_layers(model, caps, setting, threshold, prefill=8, errors=before)
+    worst = min(before, key=lambda e: e.attn_cos_decode).layer
+    assert [i for i, _, _ in fixed.layer_bits] == [worst]
+    assert fixed.bits_of_layer(worst)[0] >= 3  # keys first
+    assert all(e.attn_cos_decode >= threshold for e in after)
+    assert parse_setting(fixed.spec) == fixed  # the spec it prints parses back to the same setting
+    assert fixed.bytes_per_token_per_head(64, 3, 40) > setting.bytes_per_token_per_head(64, 3, 40)

@@ -156,3 +156,18 @@ def test_policy_default_is_what_enable_turboquant_uses():
     assert (s.k_bits, s.v_bits, s.skip_layers, s.layer_bits) == (4, 3, (), ((0, 6, 4),))
     s = main_setting(p.parse_args(["--bits", "4", "--skip-layers", "1", "--layer-bits", "0:8/4+2:6/4"]))
     assert (s.skip_layers, s.layer_bits) == ((1,), ((0, 8, 4), (2, 6, 4)))
+
+
+def test_verify_min_attn_cos_fails_and_proposes_layer_bits(tiny_model_dir, tmp_path, capsys):
+    rc, r = _verify(tiny_model_dir, tmp_path, "--bits", "2", "--window", "4", "--min-attn-cos", "0.9999",
+                    "--tokens", "40", "--chunk", "8", "--needle-lengths", "", "--agreement-tokens", "0",
+                    "--layerwise-tokens", "40")  # fmt: skip
+    assert rc == 1 and r["status"] == 1
+    rows = {row["setting"]: row for row in r["rows"]}
+    assert rows["tq2 w4"]["attn_cos_decode_min"] < 0.9999
+    fix = r["layer_repair"]
+    assert fix["spec"].startswith("tq:k=") and "lb=" in fix["spec"]
+    assert fix["attn_cos_decode_min"] > rows["tq2 w4"]["attn_cos_decode_min"]
+    assert fix["bits"] > rows["tq2 w4"]["bits"]
+    out = capsys.readouterr().out
+    assert "attention cosine (decode view)" in out and fix["spec"] in out

@@ -89,6 +89,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, help="max perplexity increase in %%; exit 1 when not met")
     g.add_argument("--min-agreement", type=float, help="min greedy agreement (0..1); exit 1 when not met")
     g.add_argument(
+        "--min-attn-cos",
+        type=float,
+        help="min per-layer attention-output cosine as decode sees it (e.g. 0.995); exit 1 when a layer is below, "
+        "and propose per-layer bits (--layer-bits) that lift every layer above it",
+    )
+    g.add_argument(
         "--recommend",
         action="store_true",
         help="measure TurboQuant K/V bit mixes (with --window / --sinks as given); propose the cheapest meeting "
@@ -206,7 +212,7 @@ def make_plot(path: str, result: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cache.dynamic import head_dim_of
     from ..quality import assets
-    from ..quality.layerwise import capture, diagnose, layer_errors, warnings_for
+    from ..quality.layerwise import capture, diagnose, layer_errors, repair_layers, warnings_for
     from ..quality.needle import hit_rate, needle_test
     from ..quality.perplexity import compare_caches, greedy_agreement
 
@@ -307,6 +313,24 @@ def run(args: argparse.Namespace) -> int:
             by_name[s.name]["attn_cos_decode_mean"] = sum(e.attn_cos_decode for e in errs) / len(errs)
             if s is main:
                 warnings = warnings_for(diag, errs)
+                main_errs = errs
+        if (
+            args.min_attn_cos is not None
+            and main.kind == "tq"
+            and min(e.attn_cos_decode for e in main_errs) < args.min_attn_cos
+        ):
+            fixed, fixed_errs = repair_layers(model, caps, main, args.min_attn_cos, prefill=args.prefill,
+                                              errors=main_errs)  # fmt: skip
+            worst = min(e.attn_cos_decode for e in fixed_errs)
+            result["layer_repair"] = {
+                "setting": fixed.name,
+                "spec": fixed.spec,
+                "bytes": fixed.bytes_per_token_per_head(head_dim, n_layers, n_tok),
+                "bits": fixed.bits_per_coord(head_dim, n_layers, n_tok),
+                "bits_8k": fixed.bits_per_coord(head_dim, n_layers, 8192),
+                "attn_cos_decode_min": worst,
+                "layerwise": [asdict(e) for e in fixed_errs],
+            }
         result["layerwise_seconds"] = time.perf_counter() - t0
         del caps
     result["rows"] = rows
@@ -323,6 +347,19 @@ def run(args: argparse.Namespace) -> int:
         ok = m["greedy_agreement"] >= args.min_agreement
         verdicts.append(f"greedy agreement {m['greedy_agreement']:.1%} {'>=' if ok else '<'} {args.min_agreement:.1%}")
         status |= 0 if ok else 1
+    if args.min_attn_cos is not None and "attn_cos_decode_min" in m:
+        ok = m["attn_cos_decode_min"] >= args.min_attn_cos
+        verdicts.append(f"worst layer's attention cosine (decode view) {m['attn_cos_decode_min']:.4f} "
+                        f"{'>=' if ok else '<'} {args.min_attn_cos}")  # fmt: skip
+        status |= 0 if ok else 1
+        fix = result.get("layer_repair")
+        if fix is not None:
+            done = fix["attn_cos_decode_min"] >= args.min_attn_cos
+            verdicts.append(
+                f"per-layer bits {'lift' if done else 'do not lift'} every layer to >= {args.min_attn_cos} "
+                f"(worst {fix['attn_cos_decode_min']:.4f}) with {fix['setting']}: {fix['bits']:.2f} bits here, "
+                f"{fix['bits_8k']:.2f} at 8K; measure its perplexity with --settings '{fix['spec']}'"
+            )
     if args.recommend:
         thr = args.threshold if args.threshold is not None else 1.0
         cands = [by_name[s.name] for s in settings if s.uses_real_cache]

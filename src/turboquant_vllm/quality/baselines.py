@@ -455,6 +455,26 @@ class Setting:
         return s
 
     @property
+    def spec(self) -> str:
+        """This `tq` setting as a `parse_setting` string (the options that differ from the defaults)."""
+        if self.kind != "tq" or self.simulate or self.seed or self.rotation != "qr":
+            raise ValueError(f"spec is written for plain tq settings only, not {self.name!r}")
+        opts = [f"k={self.k_bits}", f"v={self.v_bits}"]
+        if self.window:
+            opts.append(f"window={self.window}")
+        if self.sink:
+            opts.append(f"sink={self.sink}")
+        if self.skip_layers:
+            opts.append("skip=" + "+".join(map(str, self.skip_layers)))
+        if self.layer_bits:
+            opts.append("lb=" + "+".join(f"{i}:{k}/{v}" for i, k, v in self.layer_bits))
+        if not self.center_keys:
+            opts.append("ck=0")
+        if self.center_values:
+            opts.append("cv=1")
+        return "tq:" + ",".join(opts)
+
+    @property
     def uses_real_cache(self) -> bool:
         """True when this setting is measured on TurboQuantCache itself (not a simulation)."""
         return self.kind == "tq" and not self.simulate

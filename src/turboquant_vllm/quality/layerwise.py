@@ -16,6 +16,7 @@ channels (max channel RMS / median channel RMS) and the attention mass on token 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -170,6 +171,39 @@ def layer_errors(model, captures: dict[int, LayerCapture], setting: Setting, *, 
         out.append(LayerError(idx, k_cos, k_rel, v_cos, v_rel, float(per.mean()), float(per.mean((0, 1)).min()), rel,
                               dec_cos, dec_min))  # fmt: skip
     return out
+
+
+@torch.no_grad()
+def repair_layers(
+    model,
+    captures: dict[int, LayerCapture],
+    setting: Setting,
+    min_cos: float,
+    *,
+    prefill: int = 64,
+    rounds: int = 4,
+    errors: list[LayerError] | None = None,
+) -> tuple[Setting, list[LayerError]]:
+    """Raise the bits of the layers whose decode-view attention cosine is below `min_cos`, one bit a round (keys
+    in even rounds, values in odd ones, up to 8), re-measuring every round. Returns the last setting (a `tq`
+    setting with those layers in `layer_bits`) and its per-layer errors; the caller checks whether it passes.
+    errors: the setting's own per-layer errors, if already measured."""
+    if setting.kind != "tq":
+        raise ValueError(f"layer repair needs a tq setting, got {setting.name!r}")
+    if errors is None:
+        errors = layer_errors(model, captures, setting, prefill=prefill)
+    for r in range(rounds):
+        bad = [e.layer for e in errors if e.attn_cos_decode < min_cos and e.layer not in setting.skip_layers]
+        if not bad:
+            break
+        own = {i: (k, v) for i, k, v in setting.layer_bits}
+        for i in bad:
+            k, v = setting.bits_of_layer(i)
+            own[i] = (min(8, k + 1), v) if r % 2 == 0 else (k, min(8, v + 1))
+        setting = dataclasses.replace(setting, layer_bits=tuple((i, k, v) for i, (k, v) in sorted(own.items())),
+                                      label="")  # fmt: skip
+        errors = layer_errors(model, captures, setting, prefill=prefill)
+    return setting, errors
 
 
 @dataclass
