@@ -103,6 +103,7 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
 from ..core.kvcodec import attention_reference, dequantize_reference
+from ..core.packing import planes
 from ..layout import Codecs, CompressedKV
 from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
 from ._launch import Launcher
@@ -1349,13 +1350,15 @@ def _reduce_plan(ns_c: int, ns: int, out_rows: int, hdp: int, interp: bool):
     return block_r, ns_block, block_k, block_c, warps, fits and block_r * ns_block * hdp <= 16384, nse_block
 
 
-def _decode_config(hdp: int, rows: int) -> tuple[int, int, int]:
+def _decode_config(hdp: int, rows: int, k_bits: int = 4, v_bits: int = 4) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the sub-tile path. Graph-replay medians on the H100 (2026-11-25,
     TQ4, B = 16 x 32K unless said): 32-token tiles are faster for head_dim 128 with GQA (0.298 vs 0.308 ms;
     B = 1 x 128K 0.094 vs 0.098), head_dim 256 (0.746 vs 1.19) and two-plane codes (3 / 5 bits); 64-token
-    tiles for head_dim 64 (0.166 vs 0.192) and one query row per kv head (MHA decode: 1.16 vs 1.30); head_dim
-    256 with 2 stages (0.634 vs 0.738)."""
-    if hdp <= 64 or rows == 1:
+    tiles for head_dim 64 (0.166 vs 0.192; K4/V3 0.325 vs 0.361, K3/V2 0.333 vs 0.463) except where keys and
+    values both have two planes (K3/V3: 0.517 vs 0.667, 2026-11-26) and one query row per kv head (MHA decode:
+    1.16 vs 1.30); head_dim 256 with 2 stages (0.634 vs 0.738)."""
+    two_planes = len(planes(k_bits)) > 1 and len(planes(v_bits)) > 1
+    if (hdp <= 64 and not two_planes) or rows == 1:
         return 64, 1, 3
     return (32, 1, 2) if hdp > 128 else (32, 1, 3)
 
@@ -1457,7 +1460,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     if interp:
         _tq_attn_kernel[grid](*args, **meta, **flags, BLOCK_N=16, BLOCK_E=16, num_warps=1 if subtile else 4)
     elif subtile:
-        bn, warps, stages = DECODE_CONFIG or _decode_config(hdp, rows)
+        bn, warps, stages = DECODE_CONFIG or _decode_config(hdp, rows, lay.k_bits, lay.v_bits)
         extra = {} if DECODE_MAXNREG is None else {"maxnreg": DECODE_MAXNREG}
         pdl_flags = {"PDL": pdl, "PDL_TRIGGER": pdl and PDL_TRIGGER}
         _ATTN(grid, args, {**meta, **flags, "BLOCK_N": bn, "BLOCK_E": 16, **pdl_flags}, num_warps=warps,
