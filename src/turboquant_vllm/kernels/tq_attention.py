@@ -1354,12 +1354,16 @@ def _decode_config(hdp: int, rows: int, k_bits: int = 4, v_bits: int = 4) -> tup
     """(BLOCK_N, num_warps, num_stages) of the sub-tile path. Graph-replay medians on the H100 (2026-11-25,
     TQ4, B = 16 x 32K unless said): 32-token tiles are faster for head_dim 128 with GQA (0.298 vs 0.308 ms;
     B = 1 x 128K 0.094 vs 0.098), head_dim 256 (0.746 vs 1.19) and two-plane codes (3 / 5 bits); 64-token
-    tiles for head_dim 64 (0.166 vs 0.192; K4/V3 0.325 vs 0.361, K3/V2 0.333 vs 0.463) except where keys and
-    values both have two planes (K3/V3: 0.517 vs 0.667, 2026-11-26) and one query row per kv head (MHA decode:
-    1.16 vs 1.30); head_dim 256 with 2 stages (0.634 vs 0.738)."""
-    two_planes = len(planes(k_bits)) > 1 and len(planes(v_bits)) > 1
-    if (hdp <= 64 and not two_planes) or rows == 1:
+    tiles for head_dim 64 (0.166 vs 0.192; K3/V2 0.333 vs 0.463) except where the values have two planes
+    (2026-11-26: K4/V3 0.318 with 32 tokens and 2 stages vs 0.325, at 1 x 32K 0.0288 vs 0.0311; K3/V3 0.517
+    with 3 stages vs 0.667) and one query row per kv head (MHA decode: 1.16 vs 1.30); head_dim 256 with 2
+    stages (0.634 vs 0.738)."""
+    if rows == 1:
         return 64, 1, 3
+    if hdp <= 64:
+        if len(planes(v_bits)) == 1:
+            return 64, 1, 3
+        return (32, 1, 3) if len(planes(k_bits)) > 1 else (32, 1, 2)
     return (32, 1, 2) if hdp > 128 else (32, 1, 3)
 
 
