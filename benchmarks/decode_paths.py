@@ -153,7 +153,7 @@ def time_shape(b, n, hkv, d, kb, vb) -> str:
     tqa._tuned_attn_kernel, tqa.SUBTILE_DECODE = saved[0], True
     for cfg in SUBTILE_CONFIGS:
         tqa.DECODE_CONFIG = cfg
-        row.append(timed(f"sub {cfg[0]},{cfg[2]}"))
+        row.append(timed(f"sub {cfg[0]},{cfg[2]}" + (f",{cfg[1]}w" if cfg[1] != 1 else "")))
     tqa.DECODE_CONFIG = None
     if b * hkv < 32:  # few programs: the split count decides
         row += [timed(f"sub/{ns}", ns) for ns in (64, 128)]
