@@ -171,3 +171,10 @@ def test_verify_min_attn_cos_fails_and_proposes_layer_bits(tiny_model_dir, tmp_p
     assert fix["bits"] > rows["tq2 w4"]["bits"]
     out = capsys.readouterr().out
     assert "attention cosine (decode view)" in out and fix["spec"] in out
+
+
+def test_verify_min_attn_cos_needs_the_per_layer_test(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--layerwise-tokens"):
+        _verify(tiny_model_dir, tmp_path, "--min-attn-cos", "0.99", "--layerwise-tokens", "0")
+    with pytest.raises(SystemExit, match="cosine in"):
+        _verify(tiny_model_dir, tmp_path, "--min-attn-cos", "99.5")

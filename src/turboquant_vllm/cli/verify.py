@@ -216,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
     from ..quality.needle import hit_rate, needle_test
     from ..quality.perplexity import compare_caches, greedy_agreement
 
+    if args.min_attn_cos is not None and not (args.layerwise_tokens > 0 and 0.0 < args.min_attn_cos <= 1.0):
+        raise SystemExit("--min-attn-cos needs --layerwise-tokens > 0 and a cosine in (0, 1]")
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
