@@ -501,3 +501,24 @@ def test_repair_layers_lifts_the_layers_below_the_threshold():
     assert all(e.attn_cos_decode >= threshold for e in after)
     assert parse_setting(fixed.spec) == fixed  # the spec it prints parses back to the same setting
     assert fixed.bytes_per_token_per_head(64, 3, 40) > setting.bytes_per_token_per_head(64, 3, 40)
+
+
+def test_calibrate_layer_bits_feeds_enable_turboquant():
+    """calibrate_layer_bits returns layer_bits that enable_turboquant accepts: the policy's layer 0 entry kept,
+    the layers below the threshold raised; the cache built from it stores those layers at their own bits."""
+    from turboquant_vllm.integrations.transformers import enable_turboquant
+    from turboquant_vllm.quality.layerwise import calibrate_layer_bits
+
+    model = tiny_llama(layers=3)
+    ids = ids_of(48, seed=11)
+    plain = calibrate_layer_bits(model, ids, 3, min_cos=1e-6, window=4, prefill=8)
+    assert plain == {0: (8, 4)}  # nothing below the threshold: the policy's own entry only
+    strict = calibrate_layer_bits(model, ids, 3, min_cos=0.9999, window=4, prefill=8, rounds=2)
+    assert strict[0][0] == 8 and strict[0][1] >= 4 and len(strict) > 1
+    assert all(k >= 3 and v >= 2 for k, v in strict.values())
+    cache = enable_turboquant(model, 3, fused=False, window=4, layer_bits=strict)
+    assert cache is not None
+    with pytest.raises(ValueError, match="min_cos"):
+        calibrate_layer_bits(model, ids, 3, min_cos=2.0)
+    with pytest.raises(TypeError, match="unknown policy"):
+        calibrate_layer_bits(model, ids, 3, window_size=4)

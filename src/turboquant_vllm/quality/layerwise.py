@@ -185,9 +185,9 @@ def repair_layers(
     errors: list[LayerError] | None = None,
 ) -> tuple[Setting, list[LayerError]]:
     """Raise the bits of the layers whose decode-view attention cosine is below `min_cos`, one bit a round (keys
-    in even rounds, values in odd ones, up to 8), re-measuring every round. Returns the last setting (a `tq`
-    setting with those layers in `layer_bits`) and its per-layer errors; the caller checks whether it passes.
-    errors: the setting's own per-layer errors, if already measured."""
+    in even rounds, values in odd ones, up to 8; a side at 8 passes its turn), re-measuring every round. Returns
+    the last setting (a `tq` setting with those layers in `layer_bits`) and its per-layer errors; the caller
+    checks whether it passes. errors: the setting's own per-layer errors, if already measured."""
     if setting.kind != "tq":
         raise ValueError(f"layer repair needs a tq setting, got {setting.name!r}")
     if errors is None:
@@ -199,11 +199,53 @@ def repair_layers(
         own = {i: (k, v) for i, k, v in setting.layer_bits}
         for i in bad:
             k, v = setting.bits_of_layer(i)
-            own[i] = (min(8, k + 1), v) if r % 2 == 0 else (k, min(8, v + 1))
+            keys_turn = (r % 2 == 0 and k < 8) or v >= 8  # a side already at 8 bits passes its turn
+            own[i] = (min(8, k + 1), v) if keys_turn else (k, min(8, v + 1))
         setting = dataclasses.replace(setting, layer_bits=tuple((i, k, v) for i, (k, v) in sorted(own.items())),
                                       label="")  # fmt: skip
         errors = layer_errors(model, captures, setting, prefill=prefill)
     return setting, errors
+
+
+def calibrate_layer_bits(
+    model,
+    input_ids: torch.Tensor,
+    bits: int = 4,
+    *,
+    min_cos: float = 0.995,
+    prefill: int = 64,
+    rounds: int = 4,
+    **policy,
+) -> dict[int, tuple[int, int]]:
+    """Per-layer (k_bits, v_bits) for `enable_turboquant(model, bits, layer_bits=...)`: the policy's own layer
+    bits plus those `repair_layers` finds so that every layer's attention output, as decode sees it, keeps
+    cosine >= min_cos on `input_ids` [1, T] (a few hundred to a few thousand tokens of the user's text).
+
+    policy: cache keyword overrides of `default_policy(bits)` (k_bits, v_bits, window, sinks, skip_layers,
+    layer_bits), as `enable_turboquant` takes them. Layers still below after `rounds` rounds keep their last
+    bits; compare `layer_errors` yourself where that matters. CPU or GPU, float32 recommended.
+    """
+    from ..integrations.transformers import default_policy
+
+    if not 0.0 < min_cos <= 1.0:
+        raise ValueError(f"min_cos must be in (0, 1], got {min_cos}")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
+    p = {**default_policy(bits), **policy}
+    unknown = set(p) - {"k_bits", "v_bits", "window", "sinks", "skip_layers", "layer_bits"}
+    if unknown:
+        raise TypeError(f"unknown policy keys {sorted(unknown)}")
+    setting = Setting(
+        "tq",
+        p.get("k_bits", bits),
+        p.get("v_bits", bits),
+        window=p.get("window", 0),
+        sink=p.get("sinks", 0),
+        skip_layers=tuple(p.get("skip_layers", ())),
+        layer_bits=tuple((i, k, v) for i, (k, v) in sorted(p.get("layer_bits", {}).items())),
+    )
+    fixed, _ = repair_layers(model, capture(model, input_ids), setting, min_cos, prefill=prefill, rounds=rounds)
+    return {i: (k, v) for i, k, v in fixed.layer_bits}
 
 
 @dataclass
