@@ -522,3 +522,20 @@ def test_calibrate_layer_bits_feeds_enable_turboquant():
         calibrate_layer_bits(model, ids, 3, min_cos=2.0)
     with pytest.raises(TypeError, match="unknown policy"):
         calibrate_layer_bits(model, ids, 3, window_size=4)
+
+
+def test_calibrate_layer_bits_with_the_policy_layer_kept_exact():
+    """skip_layers=(0,) with the default policy (which gives layer 0 its own bits): the skip wins, as in the cache."""
+    from turboquant_vllm.quality.layerwise import calibrate_layer_bits
+
+    model = tiny_llama(layers=3)
+    got = calibrate_layer_bits(model, ids_of(32, seed=12), 4, min_cos=1e-6, skip_layers=(0,), prefill=8)
+    assert got == {}
+
+
+def test_kivi_decode_view_is_reported_as_not_modelled():
+    import math
+
+    model = tiny_llama(layers=2)
+    errs = layer_errors(model, capture(model, ids_of(24, seed=13)), parse_setting("kivi:bits=4"), prefill=4)
+    assert all(math.isnan(e.attn_cos_decode) and 0.5 < e.attn_cos <= 1.0 for e in errs)

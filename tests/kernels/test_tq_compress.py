@@ -301,3 +301,12 @@ def test_cell_plan_refuses_what_it_cannot_hold():
     assert tqc._cell_plan([0.0] * 3) is None  # not increasing
     assert tqc._cell_plan([float(i) for i in range(16)]) is None  # > 15 boundaries
     assert tqc._cell_plan([0.0, 1e-6, 1.0]) is None  # two boundaries closer than a cell of any grid that holds both
+
+
+def test_cell_plan_falls_back_on_unusable_boundaries():
+    """Non-finite or float32-overflowing grids give no plan (the binary search takes over), never an exception."""
+    inf = float("inf")
+    assert tqc._cell_plan([-inf, 0.0, 1.0]) is None
+    assert tqc._cell_plan([0.0, float("nan"), 1.0]) is None
+    assert tqc._cell_table_asm([-1e-40, 0.0, 1e-40]) == ""
+    assert tqc._cell_table_asm([1e-45, 3e-45, 6e-45]) == ""

@@ -311,8 +311,10 @@ def run(args: argparse.Namespace) -> int:
             result["layerwise"][s.name] = [asdict(e) for e in errs]
             by_name[s.name]["attn_cos_min"] = min(e.attn_cos for e in errs)
             by_name[s.name]["attn_cos_mean"] = sum(e.attn_cos for e in errs) / len(errs)
-            by_name[s.name]["attn_cos_decode_min"] = min(e.attn_cos_decode for e in errs)
-            by_name[s.name]["attn_cos_decode_mean"] = sum(e.attn_cos_decode for e in errs) / len(errs)
+            dec = [e.attn_cos_decode for e in errs if not math.isnan(e.attn_cos_decode)]  # NaN: not modelled
+            if dec:
+                by_name[s.name]["attn_cos_decode_min"] = min(dec)
+                by_name[s.name]["attn_cos_decode_mean"] = sum(dec) / len(dec)
             if s is main:
                 warnings = warnings_for(diag, errs)
                 main_errs = errs

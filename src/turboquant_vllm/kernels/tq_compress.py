@@ -283,10 +283,14 @@ def _cell_plan(bounds: list[float]) -> tuple[float, float, list[int]] | None:
     """A uniform grid of 32 cells for `bounds` (increasing, <= 15): (1 / w, -lo / w - 0.5, packed cell entries) or
     None. Cell c = clamp(floor((y - lo) / w), 0, 31) holds at most one boundary, every boundary at least 5% of a
     cell from its cell's edges (so a y whose cell rounds to a neighbour lies on the same side of every
-    boundary). Entry c: the float32 bits of the boundary in cell c (3e38 when none) with the low 4 bits replaced
-    by the number of boundaries below cell c (moves the boundary by < 16 ulp, ~1e-6 relative)."""
+    boundary, where a cell spans many float32 steps; in clusters a few ulp wide the index stays within those
+    ulp of bucketize's). None for non-finite bounds or a grid whose constants overflow float32. Entry c: the
+    float32 bits of the boundary in cell c (3e38 when none) with the low 4 bits replaced by the number of
+    boundaries below cell c (moves the boundary by < 16 ulp, ~1e-6 relative)."""
     n = len(bounds)
-    if not 1 <= n <= 15 or any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:], strict=False)):
+    if not 1 <= n <= 15 or not all(map(math.isfinite, bounds)):
+        return None
+    if any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:], strict=False)):
         return None
     span = bounds[-1] - bounds[0]
     best = None
@@ -305,6 +309,8 @@ def _cell_plan(bounds: list[float]) -> tuple[float, float, list[int]] | None:
     if best is None or best[0] < 0.05:
         return None
     _, w, lo, cells = best
+    if not (abs(1.0 / w) < 1e38 and abs(lo / w) < 1e38):  # the grid's constants must be float32 numbers
+        return None
     entries = []
     for c in range(_CELLS):
         below = sum(1 for x in cells if x < c)
@@ -340,7 +346,7 @@ def _cell_table_asm(bounds: list[float]) -> str:
     return " ".join(ops)
 
 
-_QASM: dict = {}  # (data_ptr, device) -> (boundaries, asm)
+_QASM: dict = {}  # (data_ptr, device) -> (boundaries, its version counter, asm)
 
 
 def _quantize_asm(boundaries: torch.Tensor, bits: int) -> str:
@@ -350,14 +356,14 @@ def _quantize_asm(boundaries: torch.Tensor, bits: int) -> str:
         return ""
     key = (boundaries.data_ptr(), boundaries.device)
     hit = _QASM.get(key)
-    if hit is not None and hit[0] is boundaries:
-        return hit[1]
+    if hit is not None and hit[0] is boundaries and hit[1] == boundaries._version:  # not edited in place since
+        return hit[2]
     if torch.cuda.is_current_stream_capturing():
         return ""
     asm = _cell_table_asm(boundaries.float().cpu().tolist())
     if len(_QASM) >= 64:
         _QASM.clear()
-    _QASM[key] = (boundaries, asm)
+    _QASM[key] = (boundaries, boundaries._version, asm)
     return asm
 
 

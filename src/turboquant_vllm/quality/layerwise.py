@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..cache.layer import CompressedLayer
 from ..core.kvcodec import attention_reference
-from .baselines import FakeQuantLayer, Setting
+from .baselines import FakeQuantLayer, KiviLayer, Setting
 
 _names = itertools.count()
 
@@ -126,10 +126,11 @@ def decode_attention(
 
 
 def _window_of(layer) -> int | None:
-    """The recent-window length of a cache layer that compresses (None for an exact layer)."""
+    """The recent-window length of a cache layer that compresses (None for an exact layer, and for KIVI, whose
+    exact residual follows its groups, not a window: layer_errors reports its decode view as NaN)."""
     if isinstance(layer, CompressedLayer):
         return layer.settings.window
-    if isinstance(layer, FakeQuantLayer):
+    if isinstance(layer, FakeQuantLayer) and not isinstance(layer, KiviLayer):
         return layer.window
     return None
 
@@ -163,7 +164,7 @@ def layer_errors(model, captures: dict[int, LayerCapture], setting: Setting, *, 
         per = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1, eps=1e-30)  # [1, T, Hq]
         rel = float((got - ref).double().norm() / ref.double().norm().clamp_min(1e-30))
         window = _window_of(layer)
-        dec_cos = dec_min = 1.0
+        dec_cos = dec_min = float("nan") if isinstance(layer, KiviLayer) else 1.0  # KIVI: not modelled
         if window is not None:
             dec = decode_attention(c.query, c.key, c.value, kq, vq, window, c.scaling)
             per_dec = torch.nn.functional.cosine_similarity(dec, ref.double(), dim=-1, eps=1e-30)
@@ -197,6 +198,8 @@ def repair_layers(
         if not bad:
             break
         own = {i: (k, v) for i, k, v in setting.layer_bits}
+        if all(setting.bits_of_layer(i) == (8, 8) for i in bad):  # nothing left to raise
+            break
         for i in bad:
             k, v = setting.bits_of_layer(i)
             keys_turn = (r % 2 == 0 and k < 8) or v >= 8  # a side already at 8 bits passes its turn
@@ -235,14 +238,16 @@ def calibrate_layer_bits(
     unknown = set(p) - {"k_bits", "v_bits", "window", "sinks", "skip_layers", "layer_bits"}
     if unknown:
         raise TypeError(f"unknown policy keys {sorted(unknown)}")
+    skip = tuple(p.get("skip_layers", ()))
     setting = Setting(
         "tq",
         p.get("k_bits", bits),
         p.get("v_bits", bits),
         window=p.get("window", 0),
         sink=p.get("sinks", 0),
-        skip_layers=tuple(p.get("skip_layers", ())),
-        layer_bits=tuple((i, k, v) for i, (k, v) in sorted(p.get("layer_bits", {}).items())),
+        skip_layers=skip,
+        # a layer kept exact drops its own bits, as the cache does
+        layer_bits=tuple((i, k, v) for i, (k, v) in sorted(p.get("layer_bits", {}).items()) if i not in skip),
     )
     fixed, _ = repair_layers(model, capture(model, input_ids), setting, min_cos, prefill=prefill, rounds=rounds)
     return {i: (k, v) for i, k, v in fixed.layer_bits}
