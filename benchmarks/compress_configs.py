@@ -1,5 +1,5 @@
 """tq_compress / tq_compress_kv over tile configs (tokens per block, warps, blocks per program, pipeline stages,
-rotation stored transposed, quantizer): CUDA-graph replay medians, fp16, head_dim 128, 4-bit; each config's packed
+quantizer): CUDA-graph replay medians, fp16, head_dim 128, 4-bit; each config's packed
 bytes compared with the binary-search quantizer's (the cell table may differ within ~1e-6 of a boundary). % of the
 measured copy bandwidth on bytes read + written.
 
@@ -21,12 +21,11 @@ from _common import copy_bandwidth, start_gpu_script  # noqa: E402
 import turboquant_vllm.kernels.tq_compress as tqc  # noqa: E402
 from turboquant_vllm.layout import Codecs, KVLayout  # noqa: E402
 
-# (block_s, num_warps, tiles, num_stages, pi_t, cell_table); the first is the binary-search quantizer (the reference
-# output), the second the default
-CONFIGS = [(64, 4, 1, None, False, False), (64, 4, 1, None, False, True), (64, 8, 1, None, False, True),
-           (128, 8, 1, None, False, True), (32, 4, 1, None, False, True), (64, 4, 4, 1, False, True),
-           (64, 4, 4, 2, False, True), (32, 4, 8, 2, False, True), (128, 4, 1, None, False, True),
-           (64, 2, 1, None, False, True)]  # fmt: skip
+# (block_s, num_warps, tiles, num_stages, cell_table); the first is the binary-search quantizer (the reference output),
+# the second the default
+CONFIGS = [(64, 4, 1, None, False), (128, 8, 1, None, True), (64, 4, 1, None, True), (64, 8, 1, None, True),
+           (32, 4, 1, None, True), (64, 4, 4, 1, True), (64, 4, 4, 2, True), (32, 4, 8, 2, True),
+           (128, 4, 1, None, True), (64, 2, 1, None, True)]  # fmt: skip
 SHAPES = [(16, 2048), (1, 32768), (16, 1)]  # (B, new tokens); 8 kv heads
 
 
@@ -52,10 +51,9 @@ def main() -> int:
         one()
         ref = kp.clone()
         res = []
-        for block_s, warps, tiles, stages, pi_t, cells in CONFIGS:
-            tqc.CONFIG.update(block_s=block_s, num_warps=warps, tiles=tiles, num_stages=stages, pi_t=pi_t,
-                              cell_table=cells)  # fmt: skip
-            name = f"{block_s}/{warps}/t{tiles}/s{stages}{'/piT' if pi_t else ''}{'/cells' if cells else '/search'}"
+        for block_s, warps, tiles, stages, cells in CONFIGS:
+            tqc.CONFIG.update(block_s=block_s, num_warps=warps, tiles=tiles, num_stages=stages, cell_table=cells)
+            name = f"{block_s}/{warps}/t{tiles}/s{stages}{'/cells' if cells else '/search'}"
             try:
                 kp.zero_()
                 one()

@@ -103,9 +103,8 @@ def test_several_blocks_per_program(device, monkeypatch, tiles):
     _run(device, 1, 2, 16 * 2 + 1, 96, 3, torch.float16)
 
 
-def test_rotation_stored_transposed(device, monkeypatch):
-    """CONFIG["pi_t"]: the fp16 rotation read from Pi^T storage (and pipelined tiles); same result."""
-    monkeypatch.setitem(tqc.CONFIG, "pi_t", True)
+def test_pipelined_tiles(device, monkeypatch):
+    """CONFIG["num_stages"] with several blocks per program (a software-pipelined loop); same result."""
     monkeypatch.setitem(tqc.CONFIG, "tiles", 2)
     monkeypatch.setitem(tqc.CONFIG, "num_stages", 2)
     _run(device, 1, 2, 16 * 2 + 5, 128, 4, torch.float16)
@@ -310,3 +309,19 @@ def test_cell_plan_falls_back_on_unusable_boundaries():
     assert tqc._cell_plan([0.0, float("nan"), 1.0]) is None
     assert tqc._cell_table_asm([-1e-40, 0.0, 1e-40]) == ""
     assert tqc._cell_table_asm([1e-45, 3e-45, 6e-45]) == ""
+
+
+def test_per_tensor_memo_rebuilds_after_an_in_place_edit():
+    calls = []
+
+    def build(t):
+        calls.append(1)
+        return float(t.sum())
+
+    table: dict = {}
+    t = torch.ones(3)
+    assert tqc._per_tensor(table, t, build, 4) == 3.0 and tqc._per_tensor(table, t, build, 4) == 3.0
+    assert len(calls) == 1  # memoised
+    t.mul_(2)  # an in-place edit: the stale value must not be served
+    assert tqc._per_tensor(table, t, build, 4) == 6.0 and len(calls) == 2
+    assert tqc._per_tensor(table, t.clone(), build, 4) == 6.0 and len(calls) == 3  # another tensor object

@@ -561,7 +561,7 @@ def _tq_attn_kernel(
     K_GATHER: tl.constexpr, V_GATHER: tl.constexpr, SUBTILE: tl.constexpr, K_TAB: tl.constexpr,
     V_TAB: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    PDL: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Split-KV attention over compressed tokens (splits < NS_C) or the exact segment (splits >= NS_C).
 
@@ -586,13 +586,11 @@ def _tq_attn_kernel(
     R_W / K_E columns (padded to K_UWP), sub-tile T holding coordinates K_E * col + T % K_E + (T // K_E) * R_W
     (R_W = D * K_W / 8). V likewise. Grid (row blocks, B * Hkv, NS): the split is the slowest grid dimension,
     so the GPU starts every compressed split before the exact segment's short programs (splits >= NS_C).
-    PDL (launched as a programmatic dependent launch): wait for the previous kernel's results before any load;
-    PDL_TRIGGER: let the next kernel (the reduction) launch now (the grid fits in one wave).
+    PDL (launched as a programmatic dependent launch): wait for the previous kernel's results before any load.
+    (Letting the reduction launch early from here was measured slower: 1 x 4K 15.7 vs 14.6 us, H100.)
     """
     if PDL:
         gdc_wait()
-        if PDL_TRIGGER:
-            gdc_launch_dependents()
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -1159,9 +1157,8 @@ DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: th
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
 # Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path, light grids): each
 # kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before its first
-# load. PDL_TRIGGER: the attention kernel lets the reduction launch at its start. TQ_PDL=0: off.
+# load. TQ_PDL=0: off.
 PDL = os.environ.get("TQ_PDL", "1") != "0"
-PDL_TRIGGER = False  # measured: 1 x 4K 15.7 us with it, 14.6 without; 1 x 128K 85.9 vs 86.4
 _MIN_CHUNK = 128  # tokens per split on the GPU (a multiple of every autotuned BLOCK_N)
 _SPLIT_OVERHEAD = 1  # fixed cost of one program (its query rows, partials, ramp-up), in units of _MIN_CHUNK tokens
 _MAX_SPLITS = 128
@@ -1466,8 +1463,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     elif subtile:
         bn, warps, stages = DECODE_CONFIG or _decode_config(hdp, rows, lay.k_bits, lay.v_bits)
         extra = {} if DECODE_MAXNREG is None else {"maxnreg": DECODE_MAXNREG}
-        pdl_flags = {"PDL": pdl, "PDL_TRIGGER": pdl and PDL_TRIGGER}
-        _ATTN(grid, args, {**meta, **flags, "BLOCK_N": bn, "BLOCK_E": 16, **pdl_flags}, num_warps=warps,
+        _ATTN(grid, args, {**meta, **flags, "BLOCK_N": bn, "BLOCK_E": 16, "PDL": pdl}, num_warps=warps,
               num_stages=stages, **extra, **pdl_opt)  # fmt: skip
     else:
         _tuned_attn_kernel()[grid](*args, **meta, **flags)

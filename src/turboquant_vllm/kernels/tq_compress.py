@@ -53,14 +53,13 @@ _MAX_HEAD_DIM = 256
 # float32 inputs: 3xTF32 on tensor cores (float32-level accuracy, ~1e-7 relative); "ieee" (FMA) spills on sm_90.
 _DOT_PREC = "tf32x3"
 # Tokens per block and warps (module-level so benchmarks can sweep them; 128 / 8 best of 10 on the H100 with the cell
-# table, benchmarks/compress_configs.py): 16-bit inputs, float32 inputs; blocks per
-# program ("tiles": 1 = one block each, as measured so far; more re-use the rotation's columns from L1) and the
-# software-pipelining depth of that loop ("num_stages": None = Triton's default); "pi_t": the fp16 rotation stored
-# transposed (Pi^T contiguous: the kernel's [D, U] column slices become row-contiguous runs); "cell_table": the
-# warp-shuffle cell-table quantizer on the GPU for <= 4 bits (_quantize's QASM; False: the binary search).
+# table, benchmarks/compress_configs.py): 16-bit inputs, float32 inputs; blocks per program ("tiles": 1 = one block
+# each, as measured so far; more re-use the rotation's columns from L1) and the software-pipelining depth of that
+# loop ("num_stages": None = Triton's default); "cell_table": the warp-shuffle cell-table quantizer on the GPU for
+# <= 4 bits (_quantize's QASM; False: the binary search).
 CONFIG = {"block_s": 128, "num_warps": 8, "block_s_f32": 16, "num_warps_f32": 4, "tiles": 1, "num_stages": None,
-          "pi_t": False, "cell_table": True}  # fmt: skip
-_HALF_PI: dict = {}  # (data_ptr, device) -> (rotation, fp16 copy)
+          "cell_table": True}  # fmt: skip
+_HALF_PI: dict = {}  # (data_ptr, device) -> (rotation, its version counter, fp16 copy): see _per_tensor
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -346,7 +345,25 @@ def _cell_table_asm(bounds: list[float]) -> str:
     return " ".join(ops)
 
 
-_QASM: dict = {}  # (data_ptr, device) -> (boundaries, its version counter, asm)
+_QASM: dict = {}  # (data_ptr, device) -> (boundaries, its version counter, asm): see _per_tensor
+
+
+def _memo_get(table: dict, tensor: torch.Tensor):
+    """The value memoised in `table` for this tensor object with its current contents, else None (an in-place
+    edit bumps the version counter; an entry holds its tensor, so the address cannot be reused while cached)."""
+    hit = table.get((tensor.data_ptr(), tensor.device))
+    return hit[2] if hit is not None and hit[0] is tensor and hit[1] == tensor._version else None
+
+
+def _per_tensor(table: dict, tensor: torch.Tensor, build, limit: int):
+    """build(tensor), memoised in `table` per tensor (see _memo_get); the table is cleared when full."""
+    value = _memo_get(table, tensor)
+    if value is None:
+        value = build(tensor)
+        if len(table) >= limit:
+            table.clear()
+        table[(tensor.data_ptr(), tensor.device)] = (tensor, tensor._version, value)
+    return value
 
 
 def _quantize_asm(boundaries: torch.Tensor, bits: int) -> str:
@@ -354,33 +371,14 @@ def _quantize_asm(boundaries: torch.Tensor, bits: int) -> str:
     during a CUDA-graph capture, which takes the binary search instead). "" where it does not apply."""
     if bits > 4 or not CONFIG["cell_table"] or interpreting() or boundaries.device.type != "cuda":
         return ""
-    key = (boundaries.data_ptr(), boundaries.device)
-    hit = _QASM.get(key)
-    if hit is not None and hit[0] is boundaries and hit[1] == boundaries._version:  # not edited in place since
-        return hit[2]
-    if torch.cuda.is_current_stream_capturing():
+    if _memo_get(_QASM, boundaries) is None and torch.cuda.is_current_stream_capturing():
         return ""
-    asm = _cell_table_asm(boundaries.float().cpu().tolist())
-    if len(_QASM) >= 64:
-        _QASM.clear()
-    _QASM[key] = (boundaries, boundaries._version, asm)
-    return asm
+    return _per_tensor(_QASM, boundaries, lambda b: _cell_table_asm(b.float().cpu().tolist()), 64)
 
 
-def _half_rotation(rotation: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """fp16 copy of the rotation, made once per rotation tensor (a Codecs' rotation lives as long as its cache);
-    transposed: a view of Pi whose storage is Pi^T (the same values at Pi's indices)."""
-    key = (rotation.data_ptr(), rotation.device, transposed)
-    hit = _HALF_PI.get(key)
-    if hit is not None and hit[0] is rotation:
-        return hit[1]
-    half = rotation.to(torch.float16)
-    if transposed:
-        half = half.t().contiguous().t()
-    if len(_HALF_PI) >= 16:
-        _HALF_PI.clear()
-    _HALF_PI[key] = (rotation, half)
-    return half
+def _half_rotation(rotation: torch.Tensor) -> torch.Tensor:
+    """fp16 copy of the rotation, made once per rotation tensor (a Codecs' rotation lives as long as its cache)."""
+    return _per_tensor(_HALF_PI, rotation, lambda r: r.to(torch.float16), 16)
 
 
 def _plan(x: torch.Tensor, mean, rotation, boundaries, bits: int, out_packed, out_norms, offset, name: str):
@@ -459,7 +457,7 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
     if x.dtype == torch.float32:
         pi, block_s, warps = rotation, CONFIG["block_s_f32"], CONFIG["num_warps_f32"]
     else:
-        pi, block_s, warps = _half_rotation(rotation, CONFIG["pi_t"]), CONFIG["block_s"], CONFIG["num_warps"]
+        pi, block_s, warps = _half_rotation(rotation), CONFIG["block_s"], CONFIG["num_warps"]
     if interpreting():
         block_s = 16
     block_s = min(block_s, max(16, next_pow2(seq)))
