@@ -30,7 +30,7 @@ from turboquant_vllm.kernels import tq_compress as tqc  # noqa: E402
 from turboquant_vllm.kernels.flash_attention import flash_attention  # noqa: E402
 from turboquant_vllm.kernels.tq_attention import tq_attention  # noqa: E402
 from turboquant_vllm.kernels.tq_compress import tq_compress  # noqa: E402
-from turboquant_vllm.layout import Codecs, CompressedKV, KVLayout  # noqa: E402
+from turboquant_vllm.layout import NORM_DTYPE, Codecs, CompressedKV, KVLayout  # noqa: E402
 
 
 def bench(fn, graph: bool = False) -> float:
@@ -73,8 +73,8 @@ def make_compressed(b, hkv, n, d, k_bits, v_bits, dtype, device, seed=0):
     codecs = Codecs.build(layout, device=device)
     kp = torch.empty(b, hkv, n, layout.k_bytes, dtype=torch.uint8, device=device)
     vp = torch.empty(b, hkv, n, layout.v_bytes, dtype=torch.uint8, device=device)
-    kn = torch.empty(b, hkv, n, dtype=torch.float32, device=device)
-    vn = torch.empty(b, hkv, n, dtype=torch.float32, device=device)
+    kn = torch.empty(b, hkv, n, dtype=NORM_DTYPE, device=device)
+    vn = torch.empty(b, hkv, n, dtype=NORM_DTYPE, device=device)
     km = k.mean(dim=2, dtype=torch.float32)
     vm = torch.zeros(b, hkv, d, device=device)
     step = max(1, (1 << 27) // (b * hkv * d))  # bound the temporary of the compress kernel
@@ -204,10 +204,10 @@ def compress_rows(bw):
         x = torch.randn(b, 8, s, 128, device="cuda", dtype=torch.float16)
         codecs = Codecs.build(KVLayout(128, 4, 4), device="cuda")
         kp = torch.empty(b, 8, s, 64, dtype=torch.uint8, device="cuda")
-        kn = torch.empty(b, 8, s, dtype=torch.float32, device="cuda")
+        kn = torch.empty(b, 8, s, dtype=NORM_DTYPE, device="cuda")
         mean = torch.zeros(b, 8, 128, device="cuda")
         fn = functools.partial(tq_compress, x, mean, codecs.rotation, codecs.k_boundaries, 4, kp, kn, 0)
-        moved = x.numel() * 2 + kp.numel() + kn.numel() * 4
+        moved = x.numel() * 2 + kp.numel() + kn.numel() * kn.element_size()
         default = tqc.CONFIG["tiles"]
         for tiles in sorted({default, 1, 2, 4}):  # token blocks per program (the rotation re-read from L1)
             tqc.CONFIG["tiles"] = tiles

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import copy_bandwidth, start_gpu_script  # noqa: E402
 
 import turboquant_vllm.kernels.tq_compress as tqc  # noqa: E402
-from turboquant_vllm.layout import Codecs, KVLayout  # noqa: E402
+from turboquant_vllm.layout import NORM_DTYPE, Codecs, KVLayout  # noqa: E402
 
 # (block_s, num_warps, tiles, num_stages, cell_table); the first is the binary-search quantizer (the reference output),
 # the second the default
@@ -40,13 +40,13 @@ def main() -> int:
         k = torch.randn(b, 8, s, 128, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
         kp = torch.empty(b, 8, s, 64, dtype=torch.uint8, device="cuda")
-        kn = torch.empty(b, 8, s, device="cuda")
+        kn = torch.empty(b, 8, s, device="cuda", dtype=NORM_DTYPE)
         vp, vn = torch.empty_like(kp), torch.empty_like(kn)
         mean = torch.zeros(b, 8, 128, device="cuda")
         one = functools.partial(tqc.tq_compress, k, mean, codecs.rotation, codecs.k_boundaries, 4, kp, kn, 0)
         pair = functools.partial(tqc.tq_compress_kv, k, v, mean, mean, codecs.rotation, codecs.k_boundaries,
                                  codecs.v_boundaries, 4, 4, kp, kn, vp, vn, 0)  # fmt: skip
-        moved = k.numel() * 2 + kp.numel() + kn.numel() * 4
+        moved = k.numel() * 2 + kp.numel() + kn.numel() * kn.element_size()
         tqc.CONFIG.update(cell_table=False)
         one()
         ref = kp.clone()

@@ -17,7 +17,7 @@ from tests.helpers import rel_err
 from turboquant_vllm.core.kvcodec import attention_reference, compress_reference, dequantize_reference, sdpa
 from turboquant_vllm.kernels import tq_attention as tqa
 from turboquant_vllm.kernels.tq_attention import tq_attention, tq_attention_paged
-from turboquant_vllm.layout import Codecs, CompressedKV, KVLayout
+from turboquant_vllm.layout import NORM_DTYPE, Codecs, CompressedKV, KVLayout
 
 F16, F32 = torch.float16, torch.float32
 _FLOOR = {F32: 5e-6, F16: 5e-4, torch.bfloat16: 4e-3}
@@ -46,8 +46,8 @@ def make_kv(b, hkv, n, d, kb, vb, device, extra=5, seed=0) -> CompressedKV:
     cap = n + extra
     kp_all = torch.randint(0, 256, (b, hkv, cap, kp.shape[-1]), generator=g, dtype=torch.uint8)
     vp_all = torch.randint(0, 256, (b, hkv, cap, vp.shape[-1]), generator=g, dtype=torch.uint8)
-    kn_all = torch.rand(b, hkv, cap, generator=g) * 1e3
-    vn_all = torch.rand(b, hkv, cap, generator=g) * 1e3
+    kn_all = (torch.rand(b, hkv, cap, generator=g) * 1e3).to(NORM_DTYPE)
+    vn_all = (torch.rand(b, hkv, cap, generator=g) * 1e3).to(NORM_DTYPE)
     kp_all[:, :, :n], vp_all[:, :, :n], kn_all[:, :, :n], vn_all[:, :, :n] = kp, vp, kn, vn
     to = functools.partial(torch.Tensor.to, device=device)
     return CompressedKV(to(kp_all), to(kn_all), to(vp_all), to(vn_all), to(km), to(vm), n, c)
@@ -308,8 +308,8 @@ def _run_paged(device, kb, vb, d, dtype, sq, se, causal, mean_b1, seq_lens=(5, 3
     kpb, vpb = d * kb // 8, d * vb // 8
     k_packed = torch.randint(0, 256, (num_blocks, hkv, page, kpb), generator=g, dtype=torch.uint8)
     v_packed = torch.randint(0, 256, (num_blocks, hkv, page, vpb), generator=g, dtype=torch.uint8)
-    k_norms = torch.rand(num_blocks, hkv, page, generator=g) * 1e3
-    v_norms = torch.rand(num_blocks, hkv, page, generator=g) * 1e3
+    k_norms = (torch.rand(num_blocks, hkv, page, generator=g) * 1e3).to(NORM_DTYPE)
+    v_norms = (torch.rand(num_blocks, hkv, page, generator=g) * 1e3).to(NORM_DTYPE)
     block_table = torch.full((b, max_blocks), -1, dtype=torch.int32)
     mb = 1 if mean_b1 else b
     k_mean = torch.randn(mb, hkv, d, generator=g) * 0.5
@@ -323,6 +323,7 @@ def _run_paged(device, kb, vb, d, dtype, sq, se, causal, mean_b1, seq_lens=(5, 3
         mi = 0 if mean_b1 else i
         kp, kn = compress_reference(k, k_mean[mi : mi + 1], c.rotation.cpu(), c.k_boundaries.cpu(), kb)
         vp, vn = compress_reference(v, v_mean[mi : mi + 1], c.rotation.cpu(), c.v_boundaries.cpu(), vb)
+        kn, vn = kn.to(NORM_DTYPE), vn.to(NORM_DTYPE)  # as the cache stores them
         nb = -(-n // page)
         for j in range(nb):
             blk = int(perm[used])
@@ -456,7 +457,7 @@ def test_paged_bad_inputs_raise(device):
     c = _codecs(64, 4, 4, device)
     q = torch.randn(2, 4, 1, 64, device=device)
     kp = torch.zeros(6, 2, 16, 32, dtype=torch.uint8, device=device)
-    kn = torch.zeros(6, 2, 16, device=device)
+    kn = torch.zeros(6, 2, 16, device=device, dtype=NORM_DTYPE)
     bt = torch.zeros(2, 3, dtype=torch.int32, device=device)
     sl = torch.tensor([3, 4], dtype=torch.int32, device=device)
     m = torch.zeros(2, 2, 64, device=device)
@@ -473,6 +474,8 @@ def test_paged_bad_inputs_raise(device):
         tq_attention_paged(q, kp, kn, kp, kn, bt, sl, m, m, _codecs(128, 4, 4, device))
     with pytest.raises(TypeError, match="codecs"):
         tq_attention_paged(q, kp, kn, kp, kn, bt, sl, m, m, None)
+    with pytest.raises(TypeError, match="k_norms"):  # float32 norms: not the layout (bfloat16)
+        tq_attention_paged(q, kp, kn.float(), kp, kn, bt, sl, m, m, c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,7 +561,7 @@ for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [
     q = torch.randn(b, hq, sq, d).to(dt)
     kp = torch.zeros(b, hkv, n, d * kb // 8, dtype=torch.uint8)
     vp = torch.zeros(b, hkv, n, d * vb // 8, dtype=torch.uint8)
-    kn, m = torch.zeros(b, hkv, n), torch.zeros(b, hkv, d)
+    kn, m = torch.zeros(b, hkv, n, dtype=torch.bfloat16), torch.zeros(b, hkv, d)
     ke = torch.randn(b, hkv, se, d).to(dt)
     A._launch(q, paged=paged, kp=kp, kn=kn, vp=vp, vn=kn, k_mean=m, v_mean=m, codecs=c, n_comp=n,
               block_table=torch.zeros(b, 4, dtype=torch.int32), seq_lens=torch.zeros(b, dtype=torch.int32),
@@ -568,7 +571,7 @@ for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [
 c = Codecs.build(KVLayout(128, 4, 3))  # keys and values in one launch, device offsets (the decode step's form)
 x = torch.randn(2, 8, 1, 128).half()
 kp, vp = torch.zeros(2, 8, 16, 64, dtype=torch.uint8), torch.zeros(2, 8, 16, 48, dtype=torch.uint8)
-kn, m = torch.zeros(2, 8, 16), torch.zeros(2, 8, 128)
+kn, m = torch.zeros(2, 8, 16, dtype=torch.bfloat16), torch.zeros(2, 8, 128)
 C.tq_compress_kv(x, x, m, m, c.rotation, c.k_boundaries, c.v_boundaries, 4, 3, kp, kn, vp, kn.clone(),
                  torch.zeros(2, dtype=torch.int32))
 """

@@ -112,7 +112,7 @@ class _CompressedCacheMixin:
         return self._cache.layers[layer_idx]
 
     def get_compressed(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(k_packed [B, H, N, D*kb/8] uint8, k_norms [B, H, N] f32, v_packed, v_norms) of the N stored tokens."""
+        """(k_packed [B, H, N, D*kb/8] uint8, k_norms [B, H, N] bf16, v_packed, v_norms) of the N stored tokens."""
         layer = self._cache.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
             raise ValueError(f"layer {layer_idx} is not compressed ({type(layer).__name__})")

@@ -1,6 +1,6 @@
 """A transformers cache layer that stores K/V as TurboQuant codes.
 
-Storage (docs/LAYOUT.md): packed indices + float32 norms per token, one centring mean per (batch, head),
+Storage (docs/LAYOUT.md): packed indices + bfloat16 norms per token, one centring mean per (batch, head),
 and one full-precision buffer `exact_keys` / `exact_values` laid out [sinks | window]: the first `sinks`
 tokens of the sequence (attention sinks, never compressed) followed by the most recent `window` tokens.
 No decompressed copy of the past is ever kept. In sequence order a layer holds
@@ -32,7 +32,7 @@ from ..core.kvcodec import dequantize_reference
 from ..core.packing import check_packable_dim
 from ..core.rotation import ROTATIONS
 from ..kernels.tq_compress import compress_kv_unchecked
-from ..layout import Codecs, CompressedKV, KVLayout
+from ..layout import NORM_DTYPE, Codecs, CompressedKV, KVLayout
 
 _GROW_TOKENS = 64
 VALIDATE_MODES = ("always", "prefill", "never")
@@ -138,8 +138,8 @@ class CompressedLayer(DynamicLayer):
         b, h, d = self.batch_size, self.num_heads, self.head_dim
         self.k_packed = torch.empty(b, h, 0, self.layout.k_bytes, dtype=torch.uint8, device=self.device)
         self.v_packed = torch.empty(b, h, 0, self.layout.v_bytes, dtype=torch.uint8, device=self.device)
-        self.k_norms = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
-        self.v_norms = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.k_norms = torch.empty(b, h, 0, dtype=NORM_DTYPE, device=self.device)
+        self.v_norms = torch.empty(b, h, 0, dtype=NORM_DTYPE, device=self.device)
         self.exact_keys = torch.empty(b, h, 0, d, dtype=self.dtype, device=self.device)
         self.exact_values = torch.empty(b, h, 0, d, dtype=self.dtype, device=self.device)
         # Placeholders so that code reading `layer.keys.dtype/device` keeps working; they hold no data.

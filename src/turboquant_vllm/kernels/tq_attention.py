@@ -69,8 +69,8 @@ Pipeline: 3 launches for any call, decode included.
   256); splits then shrink to about one per segment.
 
 Bytes read per decode step, per token and per KV head (the roofline's numerator):
-  compressed token: ``D * (k_bits + v_bits) / 8 + 8`` (packed K and V indices + two float32 norms);
-  head_dim 128: TQ4 136 B, K4/V3 120 B, TQ3 104 B, TQ2 72 B (fp16 K/V: 512 B). The paged variant adds
+  compressed token: ``D * (k_bits + v_bits) / 8 + 4`` (packed K and V indices + two bfloat16 norms);
+  head_dim 128: TQ4 132 B, K4/V3 116 B, TQ3 100 B, TQ2 68 B (fp16 K/V: 512 B). The paged variant adds
   ``4 / block_size`` B of block table. Exact token: ``2 * D * itemsize`` B.
   Per program, independent of the length: the rotated query rows (D * 4 B per row) and the float32 partials
   ((D + 2) * 4 B per row) written once and read once. Per call: Pi once per row block in steps 0 and 2.
@@ -104,7 +104,7 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
 
 from ..core.kvcodec import attention_reference, dequantize_reference
 from ..core.packing import planes
-from ..layout import Codecs, CompressedKV
+from ..layout import NORM_DTYPE, Codecs, CompressedKV
 from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
 from ._launch import Launcher
 
@@ -517,7 +517,7 @@ def _comp_subtiles(
                                                   stride_knb, stride_knn, stride_vpb, stride_vpn, stride_vnb,
                                                   stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
         k8, k4, k2, k1 = _load_units(k_head + k_row[:, None], nmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM, K_UWP)
-        kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0)
+        kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0).to(tl.float32)
         sc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for T in tl.static_range(K_NT):
             kt = _sub_vals(k8, k4, k2, k1, kbase, klane, T, K_BITS, K_W, K_E, HEAD_DIM, K_UWP, cdt, K_GATHER, K_TAB)
@@ -527,7 +527,7 @@ def _comp_subtiles(
                             MASK_MODE)  # fmt: skip
         p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
         v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM, V_UWP)
-        vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
+        vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0).to(tl.float32)
         pv = (p * vn[None, :]).to(cdt)
         new = ()
         for T in tl.static_range(V_NT):
@@ -568,7 +568,7 @@ def _tq_attn_kernel(
     q     [B, Hq, Sq, D]              query dtype   strides (stride_qb, stride_qh, stride_qs, stride_qd)
     kp    dense [B, Hkv, cap, D*kb/8] / paged [num_blocks, Hkv, PAGE_SIZE, D*kb/8]   uint8
           strides (stride_kpb, stride_kph, stride_kpn, stride_kpd)
-    kn    dense [B, Hkv, cap] / paged [num_blocks, Hkv, PAGE_SIZE]  float32  strides (stride_knb, stride_knh,
+    kn    dense [B, Hkv, cap] / paged [num_blocks, Hkv, PAGE_SIZE]  bfloat16  strides (stride_knb, stride_knh,
           stride_knn)
     vp, vn    as kp, kn with v_bits
     kc, vc    [2**bits] codebooks in the query dtype, each aligned to its size rounded up to a power of two
@@ -663,8 +663,8 @@ def _tq_attn_kernel(
                                          K_UWP)  # fmt: skip
             v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM,
                                          V_UWP)  # fmt: skip
-            kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0)
-            vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0)
+            kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0).to(tl.float32)
+            vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0).to(tl.float32)
             klane = _lane_table(kc_ptr, tl.zeros([BLOCK_N, K_UWP], dtype=tl.int32), 1 << K_BITS, K_GATHER)
             vlane = _lane_table(vc_ptr, tl.zeros([BLOCK_N, V_UWP], dtype=tl.int32), 1 << V_BITS, V_GATHER)
             for _ in range(start, end, BLOCK_N):
@@ -677,8 +677,8 @@ def _tq_attn_kernel(
                                                  HEAD_DIM, K_UWP)  # fmt: skip
                 v8x, v4x, v2x, v1x = _load_units(v_head + v_row[:, None], nxmask, stride_vpd, V_BITS, V_W, V_E,
                                                  HEAD_DIM, V_UWP)  # fmt: skip
-                knx = tl.load(kn_head + kn_row, mask=nxmask, other=0.0)
-                vnx = tl.load(vn_head + vn_row, mask=nxmask, other=0.0)
+                knx = tl.load(kn_head + kn_row, mask=nxmask, other=0.0).to(tl.float32)
+                vnx = tl.load(vn_head + vn_row, mask=nxmask, other=0.0).to(tl.float32)
                 kh = _tile_vals(
                     k8, k4, k2, k1, kbase, klane, K_BITS, K_W, K_E, K_NT, HEAD_DIM, K_UWP, cdt, K_GATHER, K_TAB
                 )
@@ -1006,9 +1006,9 @@ def _check_query(query: torch.Tensor) -> None:
 
 
 def _check_store(packed, norms, pname, nname, lead: tuple[int, ...], bits: int, head_dim: int, device) -> None:
-    """packed uint8 [*lead, n, D*bits/8] and norms float32 [*lead, n] (lead = (rows, Hkv))."""
+    """packed uint8 [*lead, n, D*bits/8] and norms bfloat16 [*lead, n] (lead = (rows, Hkv))."""
     check_tensor(packed, pname, ndim=4, dtypes=(torch.uint8,), device=device)
-    check_tensor(norms, nname, ndim=3, dtypes=(torch.float32,), device=device)
+    check_tensor(norms, nname, ndim=3, dtypes=(NORM_DTYPE,), device=device)
     want = head_dim * bits // 8
     if packed.shape[-1] != want:
         raise ValueError(f"{pname} last dim must be head_dim * bits / 8 = {want}, got {packed.shape[-1]}")
@@ -1570,7 +1570,7 @@ def tq_attention_paged(
 ) -> torch.Tensor:
     """Attention over a paged compressed cache (vLLM-style), per-sequence lengths read on the device.
 
-    query [B, Hq, Sq, D]; k_packed uint8 [num_blocks, Hkv, block_size, D*k_bits/8]; k_norms float32
+    query [B, Hq, Sq, D]; k_packed uint8 [num_blocks, Hkv, block_size, D*k_bits/8]; k_norms bfloat16
     [num_blocks, Hkv, block_size] (v likewise); block_table int32 [B, max_blocks]; seq_lens int32 [B]
     (compressed tokens of each sequence, <= max_blocks * block_size); k_mean / v_mean float32 [B or 1, Hkv, D].
     Optional exact segment key_exact / value_exact [B, Hkv, Se, D] following each sequence's compressed

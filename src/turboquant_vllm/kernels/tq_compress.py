@@ -44,6 +44,7 @@ import triton.language as tl
 
 from ..core.codebook import check_bits
 from ..core.kvcodec import compress_reference
+from ..layout import NORM_DTYPE
 from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
 from ._launch import Launcher
 
@@ -145,6 +146,16 @@ def _store_chunks(out_rows, stride_pd, smask, a0, a1, a2, a3, START: tl.constexp
 
 
 @triton.jit
+def _round_bf16(x):
+    """Non-negative float32 -> the nearest bfloat16 value (ties to even), as float32: the store's own
+    conversion is then exact, so the stored norm is torch's ``x.to(torch.bfloat16)`` on the GPU and in the
+    interpreter alike (the interpreter truncates)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _compress_tile(
     x_ptr, stride_xb, stride_xh, stride_xs, stride_xd,
     mean_ptr, stride_mb, stride_mh, stride_md,
@@ -183,7 +194,8 @@ def _compress_tile(
         nrm = tl.sqrt(tl.sum(r * r, axis=1))
         unit = (r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]).to(pi_ptr.dtype.element_ty)
         pos = base + s64
-        tl.store(nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn, nrm, mask=smask)
+        nrm_ptrs = nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn
+        tl.store(nrm_ptrs, _round_bf16(nrm), mask=smask)
         out_rows = pk_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + (pos * stride_pn)[:, None]
 
         # byte chunks of each plane: 4-bit plane (up to 4 chunks), 2-bit (up to 2), 1-bit and 8-bit (1)
@@ -248,7 +260,7 @@ def _tq_compress_kernel(
     mean  [B, H, D]             float32         strides (stride_mb, stride_mh, stride_md)
     bnd   [2**BITS - 1]         float32         contiguous, increasing
     pk    [B, H, cap, D*BITS/8] uint8           strides (stride_pb, stride_ph, stride_pn, stride_pd)
-    nrm   [B, H, cap]           float32         strides (stride_nb, stride_nh, stride_nn)
+    nrm   [B, H, cap]           bfloat16        strides (stride_nb, stride_nh, stride_nn)
     x2, mean2, bnd2, pk2, nrm2  the same for the second tensor, with BITS2 (read when the grid has 2 in dim 2)
     pi    [D, D]                float32 (float32 x) or float16 (16-bit x)  strides (stride_pr, stride_pc);
                                 x_rot = x @ Pi.T
@@ -399,7 +411,7 @@ def _plan(x: torch.Tensor, mean, rotation, boundaries, bits: int, out_packed, ou
     if d < 8 or d % 8:
         raise ValueError(f"head_dim must be a positive multiple of 8 for bit packing, got {d}")
     check_tensor(out_packed, "out_packed", ndim=4, dtypes=(torch.uint8,), device=dev)
-    check_tensor(out_norms, "out_norms", ndim=3, dtypes=(torch.float32,), device=dev)
+    check_tensor(out_norms, "out_norms", ndim=3, dtypes=(NORM_DTYPE,), device=dev)
     cap = out_packed.shape[2]
     if tuple(out_packed.shape) != (bsz, heads, cap, d * bits // 8):
         raise ValueError(
@@ -424,6 +436,7 @@ def _reference(x, mean, rotation, boundaries, bits, out_packed, out_norms, offse
     """The PyTorch path: compress_reference, written at the (host or device) offset."""
     bsz, _, seq, _ = x.shape
     packed, norms = compress_reference(x, mean, rotation, boundaries, bits)
+    norms = norms.to(out_norms.dtype)
     if not on_device:
         out_packed[:, :, offset : offset + seq] = packed
         out_norms[:, :, offset : offset + seq] = norms

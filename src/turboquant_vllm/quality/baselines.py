@@ -10,12 +10,13 @@ Codecs (per token per KV head; `bytes_k/bytes_v` count every stored byte: codes,
 - fp16: round trip through float16, 2 * head_dim bytes each for K and V.
 - fp8: float8_e4m3fn with one fp16 scale per token per head (amax / 448).
 - int: randomised-Hadamard rotation + b-bit group-wise asymmetric min/max, fp16 scale + zero per group.
-- tq: TurboQuant MSE (rotation + Lloyd-Max codebook + float32 norm), keys centred per head by default.
-- tq-prod: keys with TurboQuantProd ((b-1)-bit MSE + 1-bit QJL + two float32 norms), values MSE.
+- tq: TurboQuant MSE (rotation + Lloyd-Max codebook + bfloat16 norm, as the cache stores it), keys centred per
+  head by default.
+- tq-prod: keys with TurboQuantProd ((b-1)-bit MSE + 1-bit QJL + two bfloat16 norms), values MSE.
 - tq-out: fractional rates with outlier channels: per layer and KV head, the `n` channels with the largest RMS
   (of the centred keys, and of the values, over the first update's tokens after the sinks: the calibration)
   get their own TurboQuant MSE (rotation and codebook of dimension n, own norm) at `ok` / `ov` bits, the
-  other head_dim - n channels another at `k` / `v` bits. K bytes: (n ok + (d - n) k) / 8 + 8 (two norms).
+  other head_dim - n channels another at `k` / `v` bits. K bytes: (n ok + (d - n) k) / 8 + 4 (two norms).
 - kivi: KIVI-style: keys per-channel over groups of G tokens, values per-token group-wise; a residual of
   fewer than G recent tokens stays in full precision until its group is complete.
 
@@ -27,7 +28,7 @@ K4/V3: TurboQuantCache's `layer_bits`; `tq` only), `tq:cv=1` (centre values), `t
 it, and much faster on the CPU since nothing is dequantized per step).
 
 Bytes per token per KV head (`Setting.bytes_per_token_per_head`) average over the layers: a layer of `skip` costs
-fp16 (4 * head_dim), a layer of `lb` its own codes and norms, (k * d / 8 + 4) + (v * d / 8 + 4); in every
+fp16 (4 * head_dim), a layer of `lb` its own codes and norms, (k * d / 8 + 2) + (v * d / 8 + 2); in every
 compressed layer the window and sink tokens cost fp16 at their share of the context.
 """
 
@@ -45,7 +46,7 @@ from ..core.codebook import check_bits
 from ..core.kvcodec import compress_reference, dequantize_reference
 from ..core.quantizer import TurboQuantProd
 from ..core.rotation import hadamard_rotation
-from ..layout import NORM_BYTES, Codecs, KVLayout
+from ..layout import NORM_BYTES, NORM_DTYPE, Codecs, KVLayout
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 KINDS = ("exact", "fp16", "fp8", "int", "tq", "tq-prod", "tq-out", "kivi")
@@ -174,7 +175,7 @@ class TurboQuantCodec(Codec):
     def _q(self, x, mean, bounds, cents, bits):
         rot = self.codecs.rotation
         packed, norms = compress_reference(x, mean, rot, bounds, bits)
-        return dequantize_reference(packed, norms, mean, rot, cents, bits).to(x.dtype)
+        return dequantize_reference(packed, norms.to(NORM_DTYPE), mean, rot, cents, bits).to(x.dtype)
 
     def quant_k(self, x):
         c = self.codecs
@@ -201,8 +202,9 @@ class TurboQuantProdCodec(TurboQuantCodec):
 
     def quant_k(self, x):
         r = x.float() - self.k_mean.unsqueeze(-2)
-        parts = self.prod.quantize(r)
-        return (self.prod.dequantize(*parts) + self.k_mean.unsqueeze(-2)).to(x.dtype)
+        idx, norm, signs, rnorm = self.prod.quantize(r)
+        norm, rnorm = norm.to(NORM_DTYPE).float(), rnorm.to(NORM_DTYPE).float()  # stored as the cache stores norms
+        return (self.prod.dequantize(idx, norm, signs, rnorm) + self.k_mean.unsqueeze(-2)).to(x.dtype)
 
     def bytes_k(self):
         return self.layout.head_dim * self.layout.k_bits / 8 + 2 * NORM_BYTES
@@ -213,9 +215,9 @@ class OutlierChannelCodec(Codec):
 
     Rule: at `begin` (the calibration tokens), the channels with the largest RMS of the centred keys (values:
     of the values, centred if `center_values`) are the outliers of that head; both subsets get an independent
-    TurboQuant MSE (own rotation, codebook for their dimension, own float32 norm). Fractional rates follow:
-    e.g. head_dim 64, 16 outliers at 5 bits and 48 channels at 3 bits store 28 B + 8 B of norms per token,
-    what plain 4-bit stores (32 B + 4 B)."""
+    TurboQuant MSE (own rotation, codebook for their dimension, own bfloat16 norm). Fractional rates follow:
+    e.g. head_dim 64, 16 outliers at 5 bits and 48 channels at 3 bits store 28 B + 4 B of norms per token,
+    what plain 4-bit stores (32 B + 2 B)."""
 
     def __init__(self, head_dim, k_bits, v_bits, k_out_bits, v_out_bits, n_out, *, seed=0, rotation="qr",
                  center_keys=True, center_values=False):  # fmt: skip
@@ -251,7 +253,7 @@ class OutlierChannelCodec(Codec):
             cents = codecs.k_centroids if which == "k" else codecs.v_centroids
             zero = torch.zeros(*part.shape[:2], part.shape[-1], dtype=torch.float32, device=r.device)
             packed, norms = compress_reference(part, zero, codecs.rotation, bounds, bits)
-            out.scatter_(-1, gi, dequantize_reference(packed, norms, zero, codecs.rotation, cents, bits))
+            out.scatter_(-1, gi, dequantize_reference(packed, norms.to(NORM_DTYPE), zero, codecs.rotation, cents, bits))
         return (out + mean.unsqueeze(-2)).to(x.dtype)
 
     def quant_k(self, x):
