@@ -73,8 +73,8 @@ def make_compressed(b, hkv, n, d, k_bits, v_bits, dtype, device, seed=0):
     codecs = Codecs.build(layout, device=device)
     kp = torch.empty(b, hkv, n, layout.k_bytes, dtype=torch.uint8, device=device)
     vp = torch.empty(b, hkv, n, layout.v_bytes, dtype=torch.uint8, device=device)
-    kn = torch.empty(b, hkv, n, dtype=NORM_DTYPE, device=device)
-    vn = torch.empty(b, hkv, n, dtype=NORM_DTYPE, device=device)
+    norms = torch.empty(b, hkv, n, 2, dtype=NORM_DTYPE, device=device)  # the cache's store: (k, v) per token
+    kn, vn = norms[..., 0], norms[..., 1]
     km = k.mean(dim=2, dtype=torch.float32)
     vm = torch.zeros(b, hkv, d, device=device)
     step = max(1, (1 << 27) // (b * hkv * d))  # bound the temporary of the compress kernel

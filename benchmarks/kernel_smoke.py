@@ -120,8 +120,8 @@ def _make_cache(b, hkv, n, d, kb, vb, dev, seed=0):
     cap = n + 64
     kp = torch.zeros(b, hkv, cap, d * kb // 8, dtype=torch.uint8, device=dev)
     vp = torch.zeros(b, hkv, cap, d * vb // 8, dtype=torch.uint8, device=dev)
-    kn = torch.zeros(b, hkv, cap, device=dev, dtype=NORM_DTYPE)
-    vn = torch.zeros(b, hkv, cap, device=dev, dtype=NORM_DTYPE)
+    norms = torch.zeros(b, hkv, cap, 2, device=dev, dtype=NORM_DTYPE)  # the cache's store: (k, v) per token
+    kn, vn = norms[..., 0], norms[..., 1]
     tq_compress(k, km, c.rotation, c.k_boundaries, kb, kp, kn, 0)
     tq_compress(v, vm, c.rotation, c.v_boundaries, vb, vp, vn, 0)
     return CompressedKV(kp, kn, vp, vn, km, vm, n, c), k, v
@@ -263,14 +263,14 @@ def section_paged(args, dev, kb, vb):
         bt = perm.view(b, nbps).to(torch.int32)
         kp = torch.empty(nblocks, hkv, page, kv.k_packed.shape[-1], dtype=torch.uint8, device=dev)
         vp = torch.empty(nblocks, hkv, page, kv.v_packed.shape[-1], dtype=torch.uint8, device=dev)
-        kn = torch.empty(nblocks, hkv, page, device=dev, dtype=NORM_DTYPE)
-        vn = torch.empty(nblocks, hkv, page, device=dev, dtype=NORM_DTYPE)
+        norms = torch.empty(nblocks, hkv, page, 2, device=dev, dtype=NORM_DTYPE)
+        kn, vn = norms[..., 0], norms[..., 1]
         for i in range(b):
             blocks = bt[i].long()
             kp[blocks] = kv.k_packed[i, :, : nbps * page].view(hkv, nbps, page, -1).transpose(0, 1)
             vp[blocks] = kv.v_packed[i, :, : nbps * page].view(hkv, nbps, page, -1).transpose(0, 1)
-            kn[blocks] = kv.k_norms[i, :, : nbps * page].view(hkv, nbps, page).transpose(0, 1)
-            vn[blocks] = kv.v_norms[i, :, : nbps * page].view(hkv, nbps, page).transpose(0, 1)
+            kn[blocks] = kv.k_norms[i, :, : nbps * page].reshape(hkv, nbps, page).transpose(0, 1)
+            vn[blocks] = kv.v_norms[i, :, : nbps * page].reshape(hkv, nbps, page).transpose(0, 1)
         q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.float16)
         ke = torch.randn(b, hkv, 1, d, device=dev, dtype=torch.float16)
         ve = torch.randn(b, hkv, 1, d, device=dev, dtype=torch.float16)

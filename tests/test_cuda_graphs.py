@@ -15,7 +15,9 @@ def _compressed(b=2, hkv=2, n=300, d=128, bits=4):
     k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.float16)
     v = torch.randn_like(k)
     kp = torch.empty(b, hkv, 512, d * bits // 8, dtype=torch.uint8, device="cuda")
-    vp, kn, vn = torch.empty_like(kp), torch.empty(b, hkv, 512, device="cuda"), torch.empty(b, hkv, 512, device="cuda")
+    vp = torch.empty_like(kp)
+    norms = torch.empty(b, hkv, 512, 2, device="cuda", dtype=torch.bfloat16)  # the cache's interleaved store
+    kn, vn = norms[..., 0], norms[..., 1]
     km, vm = k.float().mean(2), torch.zeros(b, hkv, d, device="cuda")
     tq_compress(k, km, codecs.rotation, codecs.k_boundaries, bits, kp, kn, 0)
     tq_compress(v, vm, codecs.rotation, codecs.v_boundaries, bits, vp, vn, 0)

@@ -453,6 +453,24 @@ def test_dense_bad_inputs_raise(device, case):
         tq_attention(*args, **kw)
 
 
+@pytest.mark.parametrize("sq", [1, 5])
+def test_interleaved_norms_match_separate(device, sq):
+    """The cache's [.., capacity, 2] norm store (one 32-bit load for a token's key and value norm) gives exactly
+    what separate norm tensors give; a misaligned or float32 pair falls back to separate loads."""
+    kv = make_kv(2, 2, 37, 64, 4, 3, device, seed=4)
+    pair = torch.stack([kv.k_norms, kv.v_norms], dim=-1)
+    paired = _replace(kv, k_norms=pair[..., 0], v_norms=pair[..., 1])
+    assert tqa._paired_norms(paired.k_norms, paired.v_norms)
+    assert not tqa._paired_norms(kv.k_norms, kv.v_norms)
+    assert not tqa._paired_norms(pair[..., 1], pair[..., 0])  # value first: not the layout
+    q = torch.randn(2, 8, sq, 64, generator=_gen(5)).to(device)
+    ke, ve = _exact(2, 2, 3, 64, torch.float32, device)
+    want = tq_attention(q, kv, ke, ve, causal=True)
+    got = torch.full_like(want, float("nan"))
+    tq_attention(q, paired, ke, ve, causal=True, out=got)
+    assert torch.equal(got, want)
+
+
 def test_paged_bad_inputs_raise(device):
     c = _codecs(64, 4, 4, device)
     q = torch.randn(2, 4, 1, 64, device=device)
@@ -561,9 +579,11 @@ for b, hq, hkv, sq, n, se, d, kb, vb, dt, causal, paged, mask in [
     q = torch.randn(b, hq, sq, d).to(dt)
     kp = torch.zeros(b, hkv, n, d * kb // 8, dtype=torch.uint8)
     vp = torch.zeros(b, hkv, n, d * vb // 8, dtype=torch.uint8)
-    kn, m = torch.zeros(b, hkv, n, dtype=torch.bfloat16), torch.zeros(b, hkv, d)
+    nrm, m = torch.zeros(b, hkv, n, 2, dtype=torch.bfloat16), torch.zeros(b, hkv, d)
+    kn, vn = nrm[..., 0], nrm[..., 1]  # the cache's interleaved norms: one 32-bit load per token
+    assert A._paired_norms(kn, vn)
     ke = torch.randn(b, hkv, se, d).to(dt)
-    A._launch(q, paged=paged, kp=kp, kn=kn, vp=vp, vn=kn, k_mean=m, v_mean=m, codecs=c, n_comp=n,
+    A._launch(q, paged=paged, kp=kp, kn=kn, vp=vp, vn=vn, k_mean=m, v_mean=m, codecs=c, n_comp=n,
               block_table=torch.zeros(b, 4, dtype=torch.int32), seq_lens=torch.zeros(b, dtype=torch.int32),
               max_tokens=n, key_exact=ke, value_exact=ke, mask=None if mask is None else mask.expand(b, hq, sq, n + se),
               causal=causal, causal_comp=causal and not paged, scale=None, out=None, num_kv_splits=None)

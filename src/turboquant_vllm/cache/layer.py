@@ -1,6 +1,7 @@
 """A transformers cache layer that stores K/V as TurboQuant codes.
 
-Storage (docs/LAYOUT.md): packed indices + bfloat16 norms per token, one centring mean per (batch, head),
+Storage (docs/LAYOUT.md): packed indices + bfloat16 norms per token (key and value norm side by side in one
+[B, H, capacity, 2] tensor: one 4-byte word per token for the kernels), one centring mean per (batch, head),
 and one full-precision buffer `exact_keys` / `exact_values` laid out [sinks | window]: the first `sinks`
 tokens of the sequence (attention sinks, never compressed) followed by the most recent `window` tokens.
 No decompressed copy of the past is ever kept. In sequence order a layer holds
@@ -115,8 +116,17 @@ class CompressedLayer(DynamicLayer):
         self._clear()
 
     # ------------------------------------------------------------------ state
+    @property
+    def k_norms(self) -> torch.Tensor | None:
+        """bfloat16 [B, H, capacity], a view of `norms` (stride 2 along the tokens)."""
+        return None if self.norms is None else self.norms[..., 0]
+
+    @property
+    def v_norms(self) -> torch.Tensor | None:
+        return None if self.norms is None else self.norms[..., 1]
+
     def _clear(self) -> None:
-        self.k_packed = self.k_norms = self.v_packed = self.v_norms = None
+        self.k_packed = self.v_packed = self.norms = None
         self.k_mean = self.v_mean = None
         self.exact_keys = self.exact_values = None  # full precision [sinks | window], [B, H, <= sinks + window, D]
         self.num_sinks = 0  # sink tokens held (the first num_sinks of exact_keys)
@@ -138,8 +148,7 @@ class CompressedLayer(DynamicLayer):
         b, h, d = self.batch_size, self.num_heads, self.head_dim
         self.k_packed = torch.empty(b, h, 0, self.layout.k_bytes, dtype=torch.uint8, device=self.device)
         self.v_packed = torch.empty(b, h, 0, self.layout.v_bytes, dtype=torch.uint8, device=self.device)
-        self.k_norms = torch.empty(b, h, 0, dtype=NORM_DTYPE, device=self.device)
-        self.v_norms = torch.empty(b, h, 0, dtype=NORM_DTYPE, device=self.device)
+        self.norms = torch.empty(b, h, 0, 2, dtype=NORM_DTYPE, device=self.device)
         self.exact_keys = torch.empty(b, h, 0, d, dtype=self.dtype, device=self.device)
         self.exact_values = torch.empty(b, h, 0, d, dtype=self.dtype, device=self.device)
         # Placeholders so that code reading `layer.keys.dtype/device` keeps working; they hold no data.
@@ -195,7 +204,7 @@ class CompressedLayer(DynamicLayer):
             return new
 
         self.k_packed, self.v_packed = grow(self.k_packed), grow(self.v_packed)
-        self.k_norms, self.v_norms = grow(self.k_norms), grow(self.v_norms)
+        self.norms = grow(self.norms)
 
     def _set_means(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, d = self.batch_size, self.num_heads, self.head_dim
@@ -364,9 +373,8 @@ class CompressedLayer(DynamicLayer):
             return
         for name in (
             "k_packed",
-            "k_norms",
             "v_packed",
-            "v_norms",
+            "norms",
             "k_mean",
             "v_mean",
             "exact_keys",
@@ -398,7 +406,7 @@ class CompressedLayer(DynamicLayer):
         """Bytes of every tensor this layer holds (allocated capacity included)."""
         if not self.is_initialized:
             return 0
-        held = (self.k_packed, self.k_norms, self.v_packed, self.v_norms, self.k_mean, self.v_mean,
+        held = (self.k_packed, self.v_packed, self.norms, self.k_mean, self.v_mean,
                 self.exact_keys, self.exact_values)  # fmt: skip
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 

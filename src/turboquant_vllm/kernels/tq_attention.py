@@ -423,6 +423,21 @@ def _tile_rows(n, nmask, b, bt_ptr, stride_btb, stride_btn, stride_kpb, stride_k
 
 
 @triton.jit
+def _load_norms(kn_head, kn_row, vn_head, vn_row, nmask, PAIRED: tl.constexpr):
+    """(key norms, value norms) float32 [BLOCK_N] of one tile. PAIRED: a token's (k, v) bfloat16 pair is one
+    aligned 4-byte word at the key norm's address (the cache's [.., capacity, 2] store), so one 32-bit load
+    (asynchronous-copy capable, unlike a 2-byte one) gives both: k in the low half, v in the high half."""
+    if PAIRED:
+        w = tl.load((kn_head + kn_row).to(tl.pointer_type(tl.int32)), mask=nmask, other=0)
+        kn = (w << 16).to(tl.float32, bitcast=True)
+        vn = (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0).to(tl.float32)
+        vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0).to(tl.float32)
+    return kn, vn
+
+
+@triton.jit
 def _mask_bias(mv):
     """An additive mask in base 2. Finite biases are clamped first: torch.finfo(float32).min * log2(e) would
     overflow to -inf, and a row masked that way everywhere must give PyTorch's answer (equal weights), not an
@@ -482,7 +497,7 @@ def _comp_subtiles(
     V_BITS: tl.constexpr, V_W: tl.constexpr, V_E: tl.constexpr, V_NT: tl.constexpr, V_UWP: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
     K_GATHER: tl.constexpr, V_GATHER: tl.constexpr, K_TAB: tl.constexpr, V_TAB: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAIRED_NORMS: tl.constexpr,
 ):  # fmt: skip
     """Compressed tokens [start, end) of one split, sub-tile by sub-tile (the decode path, one warp).
 
@@ -517,7 +532,7 @@ def _comp_subtiles(
                                                   stride_knb, stride_knn, stride_vpb, stride_vpn, stride_vnb,
                                                   stride_vnn, PAGED, PAGE_SIZE)  # fmt: skip
         k8, k4, k2, k1 = _load_units(k_head + k_row[:, None], nmask, stride_kpd, K_BITS, K_W, K_E, HEAD_DIM, K_UWP)
-        kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0).to(tl.float32)
+        kn, vn = _load_norms(kn_head, kn_row, vn_head, vn_row, nmask, PAIRED_NORMS)
         sc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for T in tl.static_range(K_NT):
             kt = _sub_vals(k8, k4, k2, k1, kbase, klane, T, K_BITS, K_W, K_E, HEAD_DIM, K_UWP, cdt, K_GATHER, K_TAB)
@@ -527,7 +542,6 @@ def _comp_subtiles(
                             MASK_MODE)  # fmt: skip
         p, alpha, m_i, l_i = _online_softmax_step(sc, m_i, l_i)
         v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM, V_UWP)
-        vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0).to(tl.float32)
         pv = (p * vn[None, :]).to(cdt)
         new = ()
         for T in tl.static_range(V_NT):
@@ -556,7 +570,7 @@ def _tq_attn_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr,
     K_BITS: tl.constexpr, K_W: tl.constexpr, K_E: tl.constexpr, K_NT: tl.constexpr, K_UWP: tl.constexpr,
     V_BITS: tl.constexpr, V_W: tl.constexpr, V_E: tl.constexpr, V_NT: tl.constexpr, V_UWP: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PAIRED_NORMS: tl.constexpr,
     CAUSAL: tl.constexpr, CAUSAL_COMP: tl.constexpr, MASK_MODE: tl.constexpr,
     K_GATHER: tl.constexpr, V_GATHER: tl.constexpr, SUBTILE: tl.constexpr, K_TAB: tl.constexpr,
     V_TAB: tl.constexpr,
@@ -639,7 +653,7 @@ def _tq_attn_kernel(
                 stride_vnb, stride_vnh, stride_vnn, kc_ptr, vc_ptr, bt_ptr, stride_btb, stride_btn, mask_ptr,
                 stride_mk, m_row, ws_ptr, w_lin, b, kvh, s, start, end, nc, se_len, SQ, HEAD_DIM, HEAD_DP, K_BITS,
                 K_W, K_E, K_NT, K_UWP, V_BITS, V_W, V_E, V_NT, V_UWP, PAGED, PAGE_SIZE, CAUSAL_COMP, MASK_MODE,
-                K_GATHER, V_GATHER, K_TAB, V_TAB, DOT_PREC, BLOCK_M, BLOCK_N,
+                K_GATHER, V_GATHER, K_TAB, V_TAB, DOT_PREC, BLOCK_M, BLOCK_N, PAIRED_NORMS,
             )  # fmt: skip
         else:
             # the rotated query (pre-scaled by scale * log2(e)) and <q, k_mean>, from _tq_qrot_kernel
@@ -663,8 +677,7 @@ def _tq_attn_kernel(
                                          K_UWP)  # fmt: skip
             v8, v4, v2, v1 = _load_units(v_head + v_row[:, None], nmask, stride_vpd, V_BITS, V_W, V_E, HEAD_DIM,
                                          V_UWP)  # fmt: skip
-            kn = tl.load(kn_head + kn_row, mask=nmask, other=0.0).to(tl.float32)
-            vn = tl.load(vn_head + vn_row, mask=nmask, other=0.0).to(tl.float32)
+            kn, vn = _load_norms(kn_head, kn_row, vn_head, vn_row, nmask, PAIRED_NORMS)
             klane = _lane_table(kc_ptr, tl.zeros([BLOCK_N, K_UWP], dtype=tl.int32), 1 << K_BITS, K_GATHER)
             vlane = _lane_table(vc_ptr, tl.zeros([BLOCK_N, V_UWP], dtype=tl.int32), 1 << V_BITS, V_GATHER)
             for _ in range(start, end, BLOCK_N):
@@ -677,8 +690,7 @@ def _tq_attn_kernel(
                                                  HEAD_DIM, K_UWP)  # fmt: skip
                 v8x, v4x, v2x, v1x = _load_units(v_head + v_row[:, None], nxmask, stride_vpd, V_BITS, V_W, V_E,
                                                  HEAD_DIM, V_UWP)  # fmt: skip
-                knx = tl.load(kn_head + kn_row, mask=nxmask, other=0.0).to(tl.float32)
-                vnx = tl.load(vn_head + vn_row, mask=nxmask, other=0.0).to(tl.float32)
+                knx, vnx = _load_norms(kn_head, kn_row, vn_head, vn_row, nxmask, PAIRED_NORMS)
                 kh = _tile_vals(
                     k8, k4, k2, k1, kbase, klane, K_BITS, K_W, K_E, K_NT, HEAD_DIM, K_UWP, cdt, K_GATHER, K_TAB
                 )
@@ -1371,6 +1383,18 @@ def _use_subtile(block_m: int, dtype: torch.dtype, interp: bool) -> bool:
     return SUBTILE_DECODE and block_m <= 16 and (interp or dtype != torch.float32)
 
 
+def _paired_norms(kn: torch.Tensor, vn: torch.Tensor) -> bool:
+    """Key and value norms interleaved as one bfloat16 [..., 2] store (the cache's): each token's pair is one
+    4-byte-aligned word at its key norm, read by a single 32-bit load."""
+    return (
+        kn.dtype == vn.dtype == torch.bfloat16
+        and kn.stride() == vn.stride()
+        and vn.data_ptr() == kn.data_ptr() + 2
+        and kn.data_ptr() % 4 == 0
+        and all(st % 2 == 0 for st in kn.stride())
+    )
+
+
 def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens, max_tokens,
             key_exact, value_exact, mask, causal, causal_comp, scale, out, num_kv_splits):  # fmt: skip
     bsz, hq, sq, d = query.shape
@@ -1456,6 +1480,7 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         K_BITS=lay.k_bits, K_W=k_w, K_E=k_e, K_NT=k_e * (8 // k_w), K_UWP=k_uwp, V_BITS=lay.v_bits, V_W=v_w, V_E=v_e,
         V_NT=v_e * (8 // v_w), V_UWP=v_uwp, K_GATHER=k_gather, V_GATHER=v_gather, SUBTILE=subtile,
         K_TAB=k_tab if k_gather == 2 else "", V_TAB=v_tab if v_gather == 2 else "", PAGED=paged, PAGE_SIZE=page,
+        PAIRED_NORMS=_paired_norms(kn, vn),
         CAUSAL=bool(causal), CAUSAL_COMP=bool(causal_comp), MASK_MODE=mask_mode,
     )  # fmt: skip
     if interp:
