@@ -234,6 +234,10 @@ def test_fused_attention_with_sinks_equals_sequence_order_reference(sq, mask_kin
         first = holder._kernel_mask_slot[2]
         triton_fa_tq4_kv_forward(module, q, seg_k, seg_v, mask, scaling=0.125, tq_cache=holder)
         assert holder._kernel_mask_slot[2] is first
+        with torch.inference_mode():  # a mask without a version counter (generate() under inference_mode)
+            inf_mask = mask.clone()
+            out2, _ = triton_fa_tq4_kv_forward(module, q, seg_k, seg_v, inf_mask, scaling=0.125, tq_cache=holder)
+        assert torch.equal(out2, out)
     with pytest.raises(RuntimeError, match="sink tokens"):  # a segment without its sinks is refused
         triton_fa_tq4_kv_forward(module, q, seg_k[:, :, 3:], seg_v[:, :, 3:], None, tq_cache=holder)
 

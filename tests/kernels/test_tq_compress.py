@@ -336,3 +336,28 @@ def test_per_tensor_memo_rebuilds_after_an_in_place_edit():
     t.mul_(2)  # an in-place edit: the stale value must not be served
     assert tqc._per_tensor(table, t, build, 4) == 6.0 and len(calls) == 2
     assert tqc._per_tensor(table, t.clone(), build, 4) == 6.0 and len(calls) == 3  # another tensor object
+
+
+def test_compress_of_inference_tensors(device):
+    """Codecs and inputs made under torch.inference_mode (no version counter): the memo matches them by
+    identity, and the kernel writes what it writes outside inference mode."""
+    calls = []
+    with torch.inference_mode():
+        t = torch.ones(3)
+    table: dict = {}
+    for _ in range(2):
+        assert tqc._per_tensor(table, t, lambda x: calls.append(1) or float(x.sum()), 4) == 3.0
+    assert len(calls) == 1
+    want_pk, want_nr = _run(device, 1, 2, 5, 64, 4, torch.float16, seed=3)
+    with torch.inference_mode():
+        c = Codecs.build(KVLayout(64, 4, 4), seed=2, device=device)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(1, 2, 5, 64, generator=g) * 2 + torch.randn(1, 2, 1, 64, generator=g)
+        x = x.to(device, torch.float16)
+        mean = (torch.randn(1, 2, 64, generator=g) * 0.5).to(device)
+        pk = torch.full_like(want_pk, 0xA5)
+        nr = torch.full_like(want_nr, float("nan"))
+        for _ in range(2):  # the second call is served from the memo
+            tq_compress(x, mean, c.rotation, c.k_boundaries, 4, pk, nr, 3)
+    assert torch.equal(pk, want_pk) and torch.equal(nr.isnan(), want_nr.isnan())
+    assert torch.equal(nr[~nr.isnan()], want_nr[~want_nr.isnan()])

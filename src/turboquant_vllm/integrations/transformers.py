@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..cache.layer import CompressedLayer, kernel_column_order
+from ..kernels._common import version_of
 
 TRITON_FA = "triton_fa"
 _FUSED_PREFIX = "tq4_fused_"
@@ -73,7 +74,7 @@ def _kernel_mask(tq_cache, mask: torch.Tensor | None, sinks: int, compressed: in
     mask, so the identity check cannot be fooled by a reused address) and reused by the next layers."""
     if mask is None or not sinks or not compressed or mask.shape[-1] == 1:
         return mask
-    key = (mask._version, sinks, compressed)
+    key = (version_of(mask), sinks, compressed)
     slot = getattr(tq_cache, "_kernel_mask_slot", None)
     if slot is not None and slot[0] is mask and slot[1] == key:
         return slot[2]

@@ -76,3 +76,9 @@ def check_tensor(
 def check_finite(t: torch.Tensor, name: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def version_of(t: torch.Tensor) -> int | None:
+    """The in-place edit counter of `t` for memo checks; None for inference tensors (made under
+    torch.inference_mode), which keep no counter: a memo keyed on them checks identity only."""
+    return None if t.is_inference() else t._version

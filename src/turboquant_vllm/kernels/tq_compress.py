@@ -45,7 +45,7 @@ import triton.language as tl
 from ..core.codebook import check_bits
 from ..core.kvcodec import compress_reference
 from ..layout import NORM_DTYPE
-from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton
+from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton, version_of
 from ._launch import Launcher
 
 __all__ = ["compress_kv_unchecked", "tq_compress", "tq_compress_kv"]
@@ -362,9 +362,10 @@ _QASM: dict = {}  # (data_ptr, device) -> (boundaries, its version counter, asm)
 
 def _memo_get(table: dict, tensor: torch.Tensor):
     """The value memoised in `table` for this tensor object with its current contents, else None (an in-place
-    edit bumps the version counter; an entry holds its tensor, so the address cannot be reused while cached)."""
+    edit bumps the version counter; an entry holds its tensor, so the address cannot be reused while cached;
+    inference tensors have no counter and are matched by identity)."""
     hit = table.get((tensor.data_ptr(), tensor.device))
-    return hit[2] if hit is not None and hit[0] is tensor and hit[1] == tensor._version else None
+    return hit[2] if hit is not None and hit[0] is tensor and hit[1] == version_of(tensor) else None
 
 
 def _per_tensor(table: dict, tensor: torch.Tensor, build, limit: int):
@@ -374,7 +375,7 @@ def _per_tensor(table: dict, tensor: torch.Tensor, build, limit: int):
         value = build(tensor)
         if len(table) >= limit:
             table.clear()
-        table[(tensor.data_ptr(), tensor.device)] = (tensor, tensor._version, value)
+        table[(tensor.data_ptr(), tensor.device)] = (tensor, version_of(tensor), value)
     return value
 
 
