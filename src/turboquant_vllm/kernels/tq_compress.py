@@ -148,8 +148,8 @@ def _store_chunks(out_rows, stride_pd, smask, a0, a1, a2, a3, START: tl.constexp
 @triton.jit
 def _round_bf16(x):
     """Non-negative float32 -> the nearest bfloat16 value (ties to even), as float32: the store's own
-    conversion is then exact, so the stored norm is torch's ``x.to(torch.bfloat16)`` on the GPU and in the
-    interpreter alike (the interpreter truncates)."""
+    conversion is then exact. For the interpreter, whose conversion truncates; the GPU's rounds to nearest
+    even already, so both store torch's ``x.to(torch.bfloat16)``."""
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
@@ -169,6 +169,7 @@ def _compress_tile(
     OFFSET_ON_DEVICE: tl.constexpr,
     TILES: tl.constexpr,
     QASM: tl.constexpr,
+    ROUND_NORMS: tl.constexpr,
 ):  # fmt: skip
     """Token blocks program_id(0) * TILES ... + TILES - 1 (BLOCK_S tokens each) of one (batch, head) (program_id(1)):
     one program walks TILES blocks, so the rotation's columns come from L2 once and from L1 after."""
@@ -195,7 +196,8 @@ def _compress_tile(
         unit = (r / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]).to(pi_ptr.dtype.element_ty)
         pos = base + s64
         nrm_ptrs = nrm_ptr + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh + pos * stride_nn
-        tl.store(nrm_ptrs, _round_bf16(nrm), mask=smask)
+        # the GPU's float32 -> bfloat16 store conversion rounds to nearest even, the interpreter's truncates
+        tl.store(nrm_ptrs, _round_bf16(nrm) if ROUND_NORMS else nrm, mask=smask)
         out_rows = pk_ptr + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + (pos * stride_pn)[:, None]
 
         # byte chunks of each plane: 4-bit plane (up to 4 chunks), 2-bit (up to 2), 1-bit and 8-bit (1)
@@ -250,7 +252,8 @@ def _tq_compress_kernel(
     BITS: tl.constexpr, WMIN: tl.constexpr, P_C: tl.constexpr, U: tl.constexpr, UP: tl.constexpr,
     BITS2: tl.constexpr, WMIN2: tl.constexpr, P_C2: tl.constexpr, U2: tl.constexpr, UP2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DP: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
-    OFFSET_ON_DEVICE: tl.constexpr, PAIR: tl.constexpr, TILES: tl.constexpr, QASM: tl.constexpr = "",
+    OFFSET_ON_DEVICE: tl.constexpr, PAIR: tl.constexpr, TILES: tl.constexpr, ROUND_NORMS: tl.constexpr,
+    QASM: tl.constexpr = "",
     QASM2: tl.constexpr = "",
 ):  # fmt: skip
     """Compress BLOCK_S tokens of one (batch, head): of x (program_id(2) == 0) or, with PAIR, of x2 (== 1; keys
@@ -274,13 +277,14 @@ def _tq_compress_kernel(
         _compress_tile(x_ptr, stride_xb, stride_xh, stride_xs, stride_xd, mean_ptr, stride_mb, stride_mh, stride_md,
                        pi_ptr, stride_pr, stride_pc, bnd_ptr, pk_ptr, stride_pb, stride_ph, stride_pn, stride_pd,
                        nrm_ptr, stride_nb, stride_nh, stride_nn, H, S, offset, off_ptr, stride_ob, BITS, WMIN, P_C, U,
-                       HEAD_DIM, HEAD_DP, UP, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE, TILES, QASM)  # fmt: skip
+                       HEAD_DIM, HEAD_DP, UP, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE, TILES, QASM,
+                       ROUND_NORMS)  # fmt: skip
     else:
         _compress_tile(x2_ptr, stride_x2b, stride_x2h, stride_x2s, stride_x2d, mean2_ptr, stride_m2b, stride_m2h,
                        stride_m2d, pi_ptr, stride_pr, stride_pc, bnd2_ptr, pk2_ptr, stride_p2b, stride_p2h, stride_p2n,
                        stride_p2d, nrm2_ptr, stride_n2b, stride_n2h, stride_n2n, H, S, offset, off_ptr, stride_ob,
                        BITS2, WMIN2, P_C2, U2, HEAD_DIM, HEAD_DP, UP2, BLOCK_S, DOT_PREC, OFFSET_ON_DEVICE,
-                       TILES, QASM2)  # fmt: skip
+                       TILES, QASM2, ROUND_NORMS)  # fmt: skip
 
 
 _CELLS = 32  # one warp's lanes
@@ -493,7 +497,7 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
         (_cdiv(seq, block_s * tiles), bsz * heads, len(parts)),
         (*args, pi, *pi.stride(), heads, seq, 0 if on_device else offset, *off_args),
         dict(**geo, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device,
-             PAIR=len(parts) == 2, TILES=tiles),
+             PAIR=len(parts) == 2, TILES=tiles, ROUND_NORMS=interpreting()),
         **options,
     )  # fmt: skip
 
