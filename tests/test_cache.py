@@ -412,3 +412,14 @@ def test_sinks_improve_fidelity_over_compressing_them():
     sunk = cache_fidelity(model, ids, lambda: TurboQuantCache(model.config, bits=2, sinks=8), attention_mask=mask,
                           prefill=8)  # fmt: skip
     assert sunk.rel_error < plain.rel_error
+
+
+def test_codecs_are_moved_once_per_device():
+    """Every layer of a cache moves the shared codecs to its device: one copy per device, so the kernels'
+    derived tables (fp16 rotation, quantizer PTX, codebooks) are built once, not once per layer."""
+    from turboquant_vllm.layout import Codecs, KVLayout
+
+    c = Codecs.build(KVLayout(64, 4, 3))
+    moved = c.to("meta")
+    assert moved is c.to(torch.device("meta")) and moved.rotation.device.type == "meta"
+    assert c.to("cpu") is c and moved.layout == c.layout

@@ -16,7 +16,7 @@ in place of [B, H_kv, capacity, ...] and a block table [B, max_blocks] int32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -92,6 +92,7 @@ class Codecs:
     k_boundaries: torch.Tensor  # float32 [2**k_bits - 1]
     v_centroids: torch.Tensor  # float32 [2**v_bits]
     v_boundaries: torch.Tensor  # float32 [2**v_bits - 1]
+    copies: dict = field(default_factory=dict, compare=False, repr=False)  # device -> Codecs, made by to()
 
     @classmethod
     def build(
@@ -113,8 +114,18 @@ class Codecs:
         )
 
     def to(self, device: torch.device | str) -> Codecs:
-        if self.rotation.device == torch.device(device):
+        """These codecs on `device`: one copy per device, shared by every caller (the layers of a cache then
+        hold the same tensors, so what the kernels derive from them is built once, not once per layer)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.rotation.device == device:
             return self
+        if device not in self.copies:
+            self.copies[device] = self._copy_to(device)
+        return self.copies[device]
+
+    def _copy_to(self, device: torch.device) -> Codecs:
         return Codecs(
             layout=self.layout,
             rotation=self.rotation.to(device),

@@ -395,7 +395,7 @@ def _quantize_asm(boundaries: torch.Tensor, bits: int) -> str:
 
 def _half_rotation(rotation: torch.Tensor) -> torch.Tensor:
     """fp16 copy of the rotation, made once per rotation tensor (a Codecs' rotation lives as long as its cache)."""
-    return _per_tensor(_HALF_PI, rotation, lambda r: r.to(torch.float16), 16)
+    return _per_tensor(_HALF_PI, rotation, lambda r: r.to(torch.float16), 64)
 
 
 def _plan(x: torch.Tensor, mean, rotation, boundaries, bits: int, out_packed, out_norms, offset, name: str):
