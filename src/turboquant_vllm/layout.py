@@ -3,7 +3,7 @@
 Per compressed layer, for keys (and likewise values with v_bits):
 
     k_packed  uint8   [B, H_kv, capacity, head_dim * k_bits / 8]   codebook indices, packed (core/packing.py)
-    k_norms   bfloat16 [B, H_kv, capacity]                         ||k - k_mean|| of each token
+    norms     bfloat16 [B, H_kv, capacity, 2]                      ||k - k_mean||, ||v - v_mean|| of each token
     k_mean    float32 [B, H_kv, head_dim]                          centring offset, fixed at the first update
 
 A token's key is reconstructed as k_hat = k_mean + k_norm * (centroids[idx] @ Pi), where Pi is the
@@ -25,7 +25,7 @@ from .core.packing import check_packable_dim, packed_bytes
 from .core.rotation import make_rotation
 
 # Norms are bfloat16: float32's range (no overflow for any finite input), a relative rounding error
-# <= 2**-9 (0.2%), far below a code's direction error (docs/QUALITY.md measures it); 2 bytes saved per norm.
+# <= 2**-8 (0.4%), far below a code's direction error (docs/QUALITY.md measures it); 2 bytes saved per norm.
 NORM_DTYPE = torch.bfloat16
 NORM_BYTES = 2
 

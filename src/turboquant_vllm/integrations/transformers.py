@@ -220,8 +220,8 @@ def default_policy(bits: int) -> dict:
     nearly all the loss), the 4 first tokens (attention sinks) and the 64 newest tokens exact, and the first
     layer at 8-bit keys and 4-bit values (Qwen2-style models collapse with it at the policy's bits; kept exact it
     cost 0.35 bit more for the same perplexity). Stored, norms and exact tokens counted, at 8K tokens of
-    context: 3.94 / 2.98 bits per coordinate at head_dim 128 (28 layers), 4.18-4.20 / 3.22-3.25 at head_dim 64
-    (30 / 24 layers). Other budgets: no policy (every token, every layer at `bits`)."""
+    context: 3.82 / 2.86 bits per coordinate at head_dim 128 (28 layers), 3.93-3.96 / 2.98-3.01 at head_dim 64
+    (30 / 24 layers; bfloat16 norms). Other budgets: no policy (every token, every layer at `bits`)."""
     if bits in (3, 4):
         return {"k_bits": bits, "v_bits": bits - 1, "window": 64, "sinks": 4, "layer_bits": {0: (8, 4)}}
     return {}
