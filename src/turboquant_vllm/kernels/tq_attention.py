@@ -1596,7 +1596,8 @@ def tq_attention_paged(
     """Attention over a paged compressed cache (vLLM-style), per-sequence lengths read on the device.
 
     query [B, Hq, Sq, D]; k_packed uint8 [num_blocks, Hkv, block_size, D*k_bits/8]; k_norms bfloat16
-    [num_blocks, Hkv, block_size] (v likewise); block_table int32 [B, max_blocks]; seq_lens int32 [B]
+    [num_blocks, Hkv, block_size] (v likewise; fastest as the two views of one [num_blocks, Hkv, block_size, 2]
+    store, a token's pair then read by one 32-bit load); block_table int32 [B, max_blocks]; seq_lens int32 [B]
     (compressed tokens of each sequence, <= max_blocks * block_size); k_mean / v_mean float32 [B or 1, Hkv, D].
     Optional exact segment key_exact / value_exact [B, Hkv, Se, D] following each sequence's compressed
     tokens. All compressed tokens precede all queries; `causal` (bottom-right) applies to the exact
