@@ -3,8 +3,8 @@
 `JITFunction.run` binds and specializes every argument on every launch (~25-30 us of host time per launch on
 the H100 hosts, ~60% of an eager decode call's host cost). A decode step launches the same kernels with the
 same integers in every layer; only the tensors differ. `Launcher` keys a compiled kernel on what Triton
-specializes on (every non-tensor argument's value, every tensor's dtype, the constexprs and launch options, the
-device; a pointer off 16-byte alignment takes Triton's path): the first launch of a key goes through Triton as
+specializes on (every non-tensor argument's value, every tensor's dtype and 16-byte alignment, the constexprs and
+launch options, the device): the first launch of a key goes through Triton as
 usual and returns the compiled kernel; later launches of the same key call its launcher directly ("plan once per
 step, run per layer"). Off in the interpreter, when a Triton launch hook is set (profilers), on Triton without
 `knobs`, or with TQ_FAST_LAUNCH=0.
@@ -80,13 +80,14 @@ class Launcher:
             return self.fn[grid](*args, **constexprs, **options)
         tensors = get_tensors(args)
         try:
-            misaligned = functools.reduce(operator.or_, map(torch.Tensor.data_ptr, tensors)) & 15
+            ptrs = tuple(map(torch.Tensor.data_ptr, tensors))
         except TypeError:  # something else where a tensor was: Triton's own path
             return self.fn[grid](*args, **constexprs, **options)
-        if misaligned:  # a pointer off 16-byte alignment: Triton specializes it differently
-            return self.fn[grid](*args, **constexprs, **options)
+        # Triton specializes a pointer on 16-byte alignment: which pointers are off it is part of the key (the
+        # cache's value norms sit 2 bytes after the key norms, so every decode step has one)
+        aligned = () if not functools.reduce(operator.or_, ptrs) & 15 else tuple(p & 15 == 0 for p in ptrs)
         device = torch.cuda.current_device()
-        key = (device, tuple(map(_dtype_of, tensors)), get_others(args), tuple(constexprs.items()),
+        key = (device, tuple(map(_dtype_of, tensors)), aligned, get_others(args), tuple(constexprs.items()),
                tuple(options.items()))  # fmt: skip
         plan = self._plans.get(key)
         if plan is None:
