@@ -476,7 +476,8 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
         pi, block_s, warps = rotation, CONFIG["block_s_f32"], CONFIG["num_warps_f32"]
     else:
         pi, block_s, warps = _half_rotation(rotation), CONFIG["block_s"], CONFIG["num_warps"]
-    if interpreting():
+    interp = interpreting()
+    if interp:
         block_s = 16
     block_s = min(block_s, max(16, next_pow2(seq)))
     tiles = max(1, min(CONFIG["tiles"], _cdiv(seq, block_s)))
@@ -497,7 +498,7 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
         (_cdiv(seq, block_s * tiles), bsz * heads, len(parts)),
         (*args, pi, *pi.stride(), heads, seq, 0 if on_device else offset, *off_args),
         dict(**geo, HEAD_DIM=d, HEAD_DP=hdp, BLOCK_S=block_s, DOT_PREC=_DOT_PREC, OFFSET_ON_DEVICE=on_device,
-             PAIR=len(parts) == 2, TILES=tiles, ROUND_NORMS=interpreting()),
+             PAIR=len(parts) == 2, TILES=tiles, ROUND_NORMS=interp),
         **options,
     )  # fmt: skip
 
