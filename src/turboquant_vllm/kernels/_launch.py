@@ -39,6 +39,7 @@ def _hooks_set() -> bool:
 
 
 ENABLED = os.environ.get("TQ_FAST_LAUNCH", "1") != "0"  # read once; tests and benchmarks may flip it
+POINTERS_AS_INTS = True  # reused launches pass tensors as their addresses (benchmarks may flip it)
 
 
 def fast_launch_enabled() -> bool:
@@ -67,15 +68,17 @@ class Launcher:
         self._split = None
         self._plans: dict[tuple, tuple] = {}
         self.hits = 0  # launches that skipped Triton's binding (tests, benchmarks)
+        self.last: tuple | None = None  # (compiled kernel, trailing arguments) of the last fast-path launch
 
     def __call__(self, grid: tuple[int, int, int], args: tuple, constexprs: dict, **options):
+        self.last = None
         if not fast_launch_enabled():
             return self.fn[grid](*args, **constexprs, **options)
         if self._split is None:  # which positions hold tensors: fixed by the kernel's signature
             tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
             other_pos = [i for i in range(len(args)) if i not in tensor_pos]
-            self._split = (len(args), _getter(tensor_pos), _getter(other_pos))
-        n_args, get_tensors, get_others = self._split
+            self._split = (len(args), _getter(tensor_pos), _getter(other_pos), tuple(tensor_pos))
+        n_args, get_tensors, get_others, tensor_pos = self._split
         if len(args) != n_args:  # another call pattern: Triton's own path
             return self.fn[grid](*args, **constexprs, **options)
         tensors = get_tensors(args)
@@ -97,13 +100,74 @@ class Launcher:
             tail = tuple(constexprs[p.name] if p.name in constexprs else p.default for p in self.fn.params[n_args:])
             if len(self._plans) >= _MAX_ENTRIES:
                 self._plans.clear()
-            self._plans[key] = (kernel, tail)
+            self._plans[key] = self.last = (kernel, tail)
             return kernel
         kernel, tail = plan
+        self.last = plan
+        if POINTERS_AS_INTS:
+            # the addresses as integers: Triton's launcher takes them as they are, where for a tensor it calls
+            # data_ptr() and asks the driver about the pointer (cuPointerGetAttribute), once per tensor argument
+            args = list(args)
+            for i, p in zip(tensor_pos, ptrs, strict=True):
+                args[i] = p
         kernel.run(grid[0], grid[1], grid[2], _raw_stream(device), kernel.function, kernel.packed_metadata, None,
                    None, None, *args, *tail)  # fmt: skip
         self.hits += 1
         return kernel
+
+
+def run_compiled(kernel, tail: tuple, grid: tuple[int, int, int], args: list, device: int) -> None:
+    """Launch a compiled kernel (from `Launcher.last`) on the current stream: args in signature order, every
+    pointer as an integer address; tail: the trailing constexprs Triton's launcher expects."""
+    kernel.run(grid[0], grid[1], grid[2], _raw_stream(device), kernel.function, kernel.packed_metadata, None, None,
+               None, *args, *tail)  # fmt: skip
+
+
+class Replay:
+    """The launches of one call, recorded with every tensor argument replaced by its role ("q", "kp", ...), so a
+    later call with the same key (same shapes, strides, dtypes, alignments, integers: the other layers of a
+    decode step) launches the same compiled kernels with its own addresses and none of the planning.
+
+    `Replay.build(named, launches)`: named maps each role to the call's tensor (or None); launches holds
+    (grid, args, Launcher.last) per launch. None where a launch went through Triton's own path, where an argument
+    is not among the named tensors, or where one tensor fills two roles (a later call might not alias them)."""
+
+    __slots__ = ("launches",)
+
+    def __init__(self, launches: list):
+        self.launches = launches
+
+    @staticmethod
+    def build(named: dict, launches: list):
+        roles = {}
+        for role, t in named.items():
+            if t is None:
+                continue
+            if id(t) in roles:
+                return None
+            roles[id(t)] = role
+        recorded = []
+        for grid, args, last in launches:
+            if last is None:
+                return None
+            template, slots = list(args), []
+            for i, a in enumerate(args):
+                if isinstance(a, torch.Tensor):
+                    role = roles.get(id(a))
+                    if role is None:
+                        return None
+                    slots.append((i, role))
+                    template[i] = None
+            recorded.append((last[0], last[1], grid, template, tuple(slots)))
+        return Replay(recorded)
+
+    def run(self, ptr: dict, device: int) -> None:
+        """Launch every recorded kernel with the addresses ptr[role] (integers) on the current stream."""
+        for kernel, tail, grid, template, slots in self.launches:
+            args = list(template)
+            for i, role in slots:
+                args[i] = ptr[role]
+            run_compiled(kernel, tail, grid, args, device)
 
 
 def _getter(positions: list[int]):
