@@ -1,13 +1,17 @@
-"""Kernel launches without Triton's per-call argument binding.
+"""Kernel launches without Triton's per-call argument binding, and call plans replayed per layer.
 
 `JITFunction.run` binds and specializes every argument on every launch (~25-30 us of host time per launch on
 the H100 hosts, ~60% of an eager decode call's host cost). A decode step launches the same kernels with the
 same integers in every layer; only the tensors differ. `Launcher` keys a compiled kernel on what Triton
 specializes on (every non-tensor argument's value, every tensor's dtype and 16-byte alignment, the constexprs and
-launch options, the device): the first launch of a key goes through Triton as
-usual and returns the compiled kernel; later launches of the same key call its launcher directly ("plan once per
-step, run per layer"). Off in the interpreter, when a Triton launch hook is set (profilers), on Triton without
-`knobs`, or with TQ_FAST_LAUNCH=0.
+launch options, the device): the first launch of a key goes through Triton as usual and returns the compiled
+kernel; later launches of the same key call its launcher directly, every tensor passed as its address (an
+integer: Triton's launcher then skips the data_ptr() call and the driver's pointer query it makes per tensor).
+`Replay` goes one step further ("plan once per step, run per layer"): the kernels' callers record the launches
+of a call with each tensor argument named by its role, and a later call with the same key (the next layers of
+the decode step: same shapes, strides, lengths) launches them with its own addresses and no planning at all.
+Off in the interpreter, when a Triton launch hook is set (profilers), on Triton without `knobs`, or with
+TQ_FAST_LAUNCH=0.
 """
 
 from __future__ import annotations

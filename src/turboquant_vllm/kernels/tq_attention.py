@@ -58,6 +58,10 @@ Pipeline: 3 launches for any call, decode included.
      all splits loaded at once (no serial chain of loads): the compressed splits' rotated partials are merged
      and multiplied by Pi (``o = R @ Pi + L_c * v_mean``), the exact splits' added in the original space;
      divides by l, writes ``[B, Sq, Hq, D]`` (any strides) in the query dtype.
+  Host side: a call is planned from host numbers only (shapes, strides, lengths, dtypes, alignments: _call_key)
+  and its three launches recorded (_CallPlan); the next call with the same key (the other layers of a decode
+  step) allocates its workspace, fills in its addresses and launches the same compiled kernels (~2x less host
+  time per call on the H100 host, benchmarks/RESULTS.md).
   Decode (G * Sq <= 128 rows; 64 for head_dim 256, 32 for float32) uses one row block and splits the KV length over
   programs (``_num_splits``: enough programs for ~8 resident one-warp programs per SM on the sub-tile path, ~2
   otherwise, in one wave where possible, chunk >= 128 tokens, sized for the compressed tokens). The split
