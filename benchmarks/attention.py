@@ -1,6 +1,7 @@
 """Attention kernels on the GPU: fused decode over the compressed cache vs fp16 SDPA, prefill, compress.
 
-    python benchmarks/attention.py [--quick] [--json PATH] [--out-dir DIR]
+    python benchmarks/attention.py [--quick] [--json PATH] [--out-dir DIR] [--plot PNG]
+    python benchmarks/attention.py --plot-from RESULT.json --plot PNG      (redraw saved results, no GPU)
 
 Every row times the fp16 SDPA baseline in the same run, at its best: the fastest of the flash,
 memory-efficient and cuDNN backends on the same fixed shapes (cuDNN is the fastest on H100 at a fixed
@@ -220,13 +221,111 @@ def compress_rows(bw):
     return rows
 
 
+# decode targets of the project (speedup over SDPA at its best), drawn on the plot: (B, N, Hkv, d) -> target
+DECODE_TARGETS = {(1, 4096, 8, 128): 1.0, (1, 32768, 8, 128): 1.3, (1, 131072, 8, 128): 2.5, (16, 32768, 8, 128): 2.5}
+BANDWIDTH_TARGETS = {(16, 32768, 8, 128): 70.0}  # % of copy bandwidth
+
+
+def _decode_points(rows: list[dict]) -> list[dict]:
+    """Per decode row: label, speedups and TQ4 % of copy bandwidth, from CUDA-graph replays where measured (else
+    eager). The graph-replay % of bandwidth is the eager one scaled by the time ratio (same bytes)."""
+    points = []
+    for r in rows:
+        if r.get("kind") != "decode" or "tq4_ms" not in r:
+            continue
+        graph = r.get("tq4_graph_ms") is not None and r.get("sdpa_graph_ms") is not None
+        t4 = r["tq4_graph_ms"] if graph else r["tq4_ms"]
+        sdpa = r["sdpa_graph_ms"] if graph else r["sdpa_ms"]
+        t3 = r.get("tq3_graph_ms") if graph else r.get("tq3_ms")
+        n = r["N"]
+        other = "" if (r["Hkv"], r["d"]) == (8, 128) else f"\nHkv {r['Hkv']}, d {r['d']}"
+        points.append(dict(
+            label=f"{r['B']} x {n // 1024}K{other}",
+            key=(r["B"], n, r["Hkv"], r["d"]), tq4=sdpa / t4, tq3=None if t3 is None else sdpa / t3,
+            pct=r["tq4_pct_bw"] * r["tq4_ms"] / t4, graph=graph,
+        ))  # fmt: skip
+    return points
+
+
+def plot_decode(rows: list[dict], env: dict, path: str | Path) -> Path:
+    """Two panels: fused TQ4 / TQ3 decode speedup over fp16 SDPA per shape (targets marked), and TQ4's % of the
+    measured copy bandwidth. Writes a PNG at path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = _decode_points(rows)
+    if not points:
+        raise ValueError("no decode rows with fused timings to plot")
+    x = list(range(len(points)))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(points) + 2), 7.5), sharex=True)
+    w = 0.38
+    a1.bar([i - w / 2 for i in x], [p["tq4"] for p in points], w, label="fused TQ4", color="C0")
+    a1.bar([i + w / 2 for i in x], [p["tq3"] or 0.0 for p in points], w, label="fused TQ3", color="C2")
+    for i, p in enumerate(points):
+        a1.annotate(f"{p['tq4']:.2f}x", (i - w / 2, p["tq4"]), ha="center", va="bottom", fontsize=8)
+        target = DECODE_TARGETS.get(p["key"])
+        if target is not None:
+            a1.plot([i - w, i + w], [target, target], color="C3", lw=2, label="target" if i == 0 else None)
+    a1.axhline(1.0, color="k", lw=0.8, ls="--")
+    a1.set_ylabel("speedup over fp16 SDPA (x)")
+    mode = "CUDA-graph replay" if all(p["graph"] for p in points) else "medians"
+    a1.set_title(f"Decode attention over the compressed cache, Hq 32, fp16 ({mode}); "
+                 f"{env.get('gpu', env.get('device', ''))}", fontsize=10)  # fmt: skip
+    handles, labels = a1.get_legend_handles_labels()
+    seen = dict(zip(labels, handles, strict=False))
+    a1.legend(seen.values(), seen.keys(), loc="upper left", fontsize=8)
+    a2.bar(x, [p["pct"] for p in points], 0.6, color="C0")
+    for i, p in enumerate(points):
+        a2.annotate(f"{p['pct']:.0f}%", (i, p["pct"]), ha="center", va="bottom", fontsize=8)
+        if p["key"] in BANDWIDTH_TARGETS:
+            t = BANDWIDTH_TARGETS[p["key"]]
+            a2.plot([i - w, i + w], [t, t], color="C3", lw=2)
+    a2.set_ylim(0, 100)
+    a2.set_ylabel("fused TQ4: % of copy bandwidth")
+    a2.set_xticks(x, [p["label"] for p in points], fontsize=8)
+    a2.set_xlabel("batch x context (Hkv 8, head_dim 128 unless said)")
+    stamp = ", ".join(f"{k} {env[k]}" for k in ("date_utc", "torch", "triton") if k in env)
+    fig.text(0.01, 0.005, stamp, fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_from(json_path: str | Path, png_path: str | Path) -> Path:
+    """plot_decode from a saved result file (attention.json of write_results, or --json's)."""
+    import json
+
+    p = Path(json_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no result file at {p}")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{p} holds no 'rows' (not a benchmarks/attention.py result)")
+    return plot_decode(data["rows"], data.get("env", {}), png_path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the target shapes only")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph timings")
     p.add_argument("--json", help="write all rows as JSON here")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "benchmarks/out"))
+    p.add_argument("--plot", metavar="PNG", help="also draw the decode speedups and % of bandwidth here")
+    p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a saved result file (no GPU needed)")
     args = p.parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            p.error("--plot-from needs --plot PNG")
+        try:
+            print(f"wrote {plot_from(args.plot_from, args.plot)}")
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        return 0
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU")
         return 2
@@ -256,6 +355,8 @@ def main(argv=None) -> int:
     dec = [r for r in rows if r["kind"] == "decode"]
     print_table(dec, ["B", "N", "Hq", "Hkv", "d", "sdpa_ms", "tq4_ms", "tq4_speedup", "tq4_pct_bw", "tq3_ms",
                       "tq3_speedup", "sdpa_graph_ms", "tq4_graph_ms", "tq4_graph_speedup", "triton_fa_ms"])  # fmt: skip
+    if args.plot:
+        print(f"wrote {plot_decode(rows, env, args.plot)}")
     return 0
 
 

@@ -122,3 +122,39 @@ def test_generate_ratios_compare_the_same_batch_and_context():
     script.GenerateBench.annotate(rows)
     assert rows[1]["x_exact"] == 40.0 / 50.0 and rows[1]["kv_x"] == 4.0
     assert rows[4]["x_exact"] == 900.0 / 300.0 and rows[4]["kv_x"] == 4.0
+
+
+def _decode_row(b, n, hkv=8, d=128, graph=True):
+    row = dict(kind="decode", B=b, N=n, Hq=32, Hkv=hkv, d=d, sdpa_ms=0.05 * b, tq4_ms=0.03 * b, tq4_pct_bw=40.0,
+               tq3_ms=0.04 * b)  # fmt: skip
+    if graph:
+        row.update(sdpa_graph_ms=0.04 * b, tq4_graph_ms=0.02 * b, tq3_graph_ms=0.035 * b)
+    return row
+
+
+def test_attention_plot_from_saved_results(tmp_path, capsys):
+    attention = bench.load_script(bench.find_script("attention"))
+    rows = [_decode_row(1, 32768), _decode_row(16, 32768), _decode_row(16, 32768, hkv=32), dict(kind="prefill", S=4096)]
+    saved = tmp_path / "attention.json"
+    saved.write_text(json.dumps({"env": {"gpu": "test GPU", "date_utc": "today"}, "rows": rows}))
+    png = tmp_path / "plots" / "decode.png"
+    assert attention.main(["--plot-from", str(saved), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    points = attention._decode_points(rows)
+    assert [p["label"] for p in points] == ["1 x 32K", "16 x 32K", "16 x 32K\nHkv 32, d 128"]
+    assert points[0]["tq4"] == pytest.approx(2.0) and points[0]["pct"] == pytest.approx(60.0)  # graph-replay time
+    eager = attention._decode_points([_decode_row(1, 4096, graph=False)])[0]
+    assert eager["tq4"] == pytest.approx(0.05 / 0.03) and not eager["graph"]
+
+
+@pytest.mark.parametrize("content", [None, "[1, 2]", json.dumps({"env": {}, "rows": [dict(kind="prefill")]})])
+def test_attention_plot_from_bad_input_is_a_clear_error(tmp_path, capsys, content):
+    attention = bench.load_script(bench.find_script("attention"))
+    saved = tmp_path / "r.json"
+    if content is not None:
+        saved.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        attention.main(["--plot-from", str(saved), "--plot", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ("no result file" in err) or ("no 'rows'" in err) or ("no decode rows" in err)
