@@ -53,6 +53,7 @@ import contextlib
 import fnmatch
 import gc
 import inspect
+import json
 import os
 import sys
 import time
@@ -1089,6 +1090,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which remaining cases are skipped (default 330; smoke none)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--plot", metavar="PNG", help="also draw tokens/s, KV memory and the max batch here")
+    p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a saved result file (no GPU needed)")
 
 
 def _defaults(args) -> None:
@@ -1244,15 +1247,113 @@ def run(args) -> int:
     print(where)
     for line in summary:
         print(line)
+    if args.plot:
+        try:
+            print(f"wrote {plot_generate(rows, mb, env, args.plot)}")
+        except (OSError, ValueError) as e:
+            print(f"plot not written: {_err(e)}")
     sys.stdout.flush()
     return 0
+
+
+VARIANT_LABELS = {"exact": "exact, DynamicCache", "exact_prealloc": "exact, written in place", "fused": "fused TQ4",
+                  "unfused": "unfused TQ4", "fused_full": "fused TQ4 (all layers)"}  # fmt: skip
+
+
+def plot_generate(rows: list[dict], maxbatch: dict, env: dict, path: str | Path) -> Path:
+    """Decode tokens/s per (batch, context) and variant (eager bars, CUDA-graph replay hatched), KV memory, and
+    the max batch at the search's context, for whichever of them the results hold. Writes a PNG at path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("tok_s") and r.get("variant") in VARIANT_LABELS]
+    kinds = [k for k in ("exact", "fused") if k in (maxbatch or {}) and maxbatch[k].get("B")]
+    if not ok and not kinds:
+        raise ValueError("no decode rows with tokens/s and no max-batch results to plot")
+    ratios = ([2, 1] if ok else []) + ([1] if kinds else [])
+    fig, axes = plt.subplots(1, len(ratios), figsize=(max(8.0, 5.2 * len(ratios) + 1), 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": ratios})  # fmt: skip
+    axes = list(axes[0])
+    if ok:
+        a1, a2 = axes[0], axes[1]
+        groups = sorted({(r["B"], r["ctx"]) for r in ok})
+        variants = [v for v in VARIANT_LABELS if any(r["variant"] == v for r in ok)]
+        w = 0.8 / len(variants)
+        for j, v in enumerate(variants):
+            xs, eager, graph, kv = [], [], [], []
+            for i, g in enumerate(groups):
+                r = next((r for r in ok if r["variant"] == v and (r["B"], r["ctx"]) == g), None)
+                if r is not None:
+                    xs.append(i - 0.4 + w * (j + 0.5))
+                    eager.append(r["tok_s"])
+                    graph.append(r.get("graph_tok_s"))
+                    kv.append(r.get("kv_GiB") or 0.0)
+            a1.bar(xs, eager, w, color=f"C{j}", label=VARIANT_LABELS[v])
+            for x, e, gr in zip(xs, eager, graph, strict=True):
+                if gr and gr > e:
+                    a1.bar([x], [gr - e], w, bottom=[e], color=f"C{j}", alpha=0.35, hatch="//", edgecolor=f"C{j}")
+            a2.bar(xs, kv, w, color=f"C{j}")
+        labels = [f"B {b}, {c // 1024}K" for b, c in groups]
+        a1.set_xticks(range(len(groups)), labels)
+        a1.set_ylabel("decode tokens/s")
+        a1.set_yscale("log")
+        a1.set_ylim(bottom=min(r["tok_s"] for r in ok) / 1.5)
+        a1.set_title("eager (solid); replayed from CUDA graphs (hatched, on top)", fontsize=9)
+        a1.legend(fontsize=8, loc="upper left")
+        a2.set_xticks(range(len(groups)), labels)
+        a2.set_ylabel("KV cache GiB")
+        a2.set_title("KV memory", fontsize=9)
+    if kinds:
+        a3 = axes[-1]
+        a3.bar(range(len(kinds)), [maxbatch[k]["B"] for k in kinds], 0.6, color=["C0", "C2"][: len(kinds)])
+        for i, k in enumerate(kinds):
+            a3.annotate(str(maxbatch[k]["B"]), (i, maxbatch[k]["B"]), ha="center", va="bottom", fontsize=9)
+        a3.set_xticks(range(len(kinds)), [VARIANT_LABELS[k] for k in kinds], fontsize=8)
+        ctx = maxbatch[kinds[0]].get("ctx", 0)
+        ratio = ""
+        if len(kinds) == 2:
+            ratio = f" ({maxbatch['fused']['B'] / maxbatch['exact']['B']:.2f}x)"
+        a3.set_title(f"largest batch at {ctx // 1024}K context{ratio}", fontsize=9)
+    layers = sorted({r["layers"] for r in ok} | {maxbatch[k].get("layers", 0) for k in kinds} - {0})
+    fig.suptitle(f"generate(): Llama-3.1-8B-shaped model, random weights, {'/'.join(map(str, layers))} layers; "
+                 f"{env.get('gpu', env.get('device', ''))}", fontsize=10)  # fmt: skip
+    stamp = ", ".join(f"{k} {env[k]}" for k in ("date_utc", "torch", "triton", "transformers") if k in env)
+    fig.text(0.01, 0.005, stamp, fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_from(json_path: str | Path, png_path: str | Path) -> Path:
+    """plot_generate from a saved result file (generate.json, or --json's)."""
+    p = Path(json_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no result file at {p}")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{p} holds no 'rows' (not a benchmarks/generate.py result)")
+    return plot_generate(data["rows"], data.get("maxbatch") or {}, data.get("env", {}), png_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     prog = "turboquant-vllm bench generate" if __name__.startswith("turboquant_vllm_bench") else "generate.py"
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            p.error("--plot-from needs --plot PNG")
+        try:
+            print(f"wrote {plot_from(args.plot_from, args.plot)}")
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        return 0
+    return run(args)
 
 
 if __name__ == "__main__":

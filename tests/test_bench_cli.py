@@ -158,3 +158,30 @@ def test_attention_plot_from_bad_input_is_a_clear_error(tmp_path, capsys, conten
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert ("no result file" in err) or ("no 'rows'" in err) or ("no decode rows" in err)
+
+
+def test_generate_plot_from_saved_results(tmp_path):
+    generate = bench.load_script(bench.find_script("generate"))
+    rows = [dict(case=f"{v}:b{b}:32k", variant=v, B=b, ctx=32768, layers=24, tok_s=t, graph_tok_s=g, kv_GiB=kv)
+            for v, b, t, g, kv in [("exact", 16, 260.0, None, 48.0), ("exact_prealloc", 16, 640.0, 670.0, 48.0),
+                                   ("fused", 16, 700.0, 980.0, 12.4), ("fused", 1, 35.0, 100.0, 1.0)]]  # fmt: skip
+    rows.append(dict(case="check", variant="check"))
+    mb = {"exact": dict(B=15, ctx=32768, layers=32), "fused": dict(B=59, ctx=32768, layers=32)}
+    for payload in ({"env": {"gpu": "test GPU"}, "rows": rows, "maxbatch": mb}, {"rows": [], "maxbatch": mb},
+                    {"rows": rows}):  # fmt: skip
+        saved = tmp_path / "generate.json"
+        saved.write_text(json.dumps(payload))
+        png = tmp_path / "g.png"
+        assert generate.main(["--plot-from", str(saved), "--plot", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png.unlink()
+
+
+def test_generate_plot_from_without_results_is_a_clear_error(tmp_path, capsys):
+    generate = bench.load_script(bench.find_script("generate"))
+    saved = tmp_path / "generate.json"
+    saved.write_text(json.dumps({"rows": [dict(case="check", variant="check")], "maxbatch": {}}))
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--plot-from", str(saved), "--plot", str(tmp_path / "g.png")])
+    assert e.value.code == 2
+    assert "no decode rows with tokens/s and no max-batch results" in capsys.readouterr().err
