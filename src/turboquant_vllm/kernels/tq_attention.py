@@ -1439,13 +1439,15 @@ def _call_key(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, bloc
     kn_ptr = kn.data_ptr()
     key = (
         query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
-        kp.shape, kp.stride(), kp.data_ptr() & 15, vp.shape, vp.stride(), vp.data_ptr() & 15,
+        kp.shape, kp.stride(), kp.dtype, kp.data_ptr() & 15, vp.shape, vp.stride(), vp.dtype, vp.data_ptr() & 15,
         kn.stride(), kn.dtype, kn_ptr & 15, vn.stride(), vn.dtype, vn.data_ptr() - kn_ptr,
-        k_mean.shape, k_mean.stride(), k_mean.data_ptr() & 15, v_mean.shape, v_mean.stride(), v_mean.data_ptr() & 15,
+        k_mean.shape, k_mean.stride(), k_mean.dtype, k_mean.data_ptr() & 15,
+        v_mean.shape, v_mean.stride(), v_mean.dtype, v_mean.data_ptr() & 15,
         codecs.layout, codecs.rotation.stride(), codecs.rotation.dtype, codecs.rotation.data_ptr() & 15,
         _codebook_key(codecs, query.dtype),
         n_comp, max_tokens, causal, causal_comp, scale, num_kv_splits, paged,
         SHUFFLE_GATHER, SUBTILE_DECODE, DECODE_CONFIG, DECODE_MAXNREG, PDL, _DECODE_RESIDENT, _MIN_CHUNK,
+        _SPLIT_OVERHEAD, _MAX_SPLITS,
     )  # fmt: skip
     for t in (key_exact, value_exact, mask, out, block_table, seq_lens):
         key += (None,) if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)

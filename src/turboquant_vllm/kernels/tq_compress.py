@@ -506,10 +506,10 @@ def _call_key(parts, rotation, pi, offset, on_device: bool) -> tuple:
            (offset.shape, offset.stride(), offset.dtype, offset.data_ptr() & 15) if on_device else offset,
            tuple(CONFIG.items()), len(parts) == 2 and parts[1][2] is parts[0][2])  # fmt: skip
     for t, mean, bnd, bits, pk, nr in parts:
-        key += (t.stride(), t.dtype, t.data_ptr() & 15, mean.shape, mean.stride(), mean.data_ptr() & 15, bits,
-                bnd.shape, bnd.stride(), bnd.data_ptr() & 15, "" if x.dtype == torch.float32 else
-                _quantize_asm(bnd, bits), pk.shape, pk.stride(), pk.data_ptr() & 15, nr.shape, nr.stride(), nr.dtype,
-                nr.data_ptr() & 15)  # fmt: skip
+        key += (t.stride(), t.dtype, t.data_ptr() & 15, mean.shape, mean.stride(), mean.dtype, mean.data_ptr() & 15,
+                bits, bnd.shape, bnd.stride(), bnd.dtype, bnd.data_ptr() & 15,
+                "" if x.dtype == torch.float32 else _quantize_asm(bnd, bits), pk.shape, pk.stride(), pk.dtype,
+                pk.data_ptr() & 15, nr.shape, nr.stride(), nr.dtype, nr.data_ptr() & 15)  # fmt: skip
     return key
 
 
