@@ -245,3 +245,33 @@ def write_results(
     mpath = out / f"{name}.md"
     mpath.write_text("\n".join(md))
     return jpath, mpath
+
+
+class Progress:
+    """tqdm over the work items (a no-op stand-in when tqdm is missing or disabled)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str = "bench"):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="case", mininterval=2.0, file=sys.stderr)
+            except Exception:  # pragma: no cover
+                self.bar = None
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stdout)
+        else:
+            print(msg, flush=True)
+        sys.stdout.flush()
+
+    def step(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(desc, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth, env_header, print_table, write_results  # noqa: E402
+from _common import Progress, copy_bandwidth, env_header, print_table, write_results  # noqa: E402
 
 from turboquant_vllm.core.kvcodec import attention_reference, dequantize_reference  # noqa: E402
 from turboquant_vllm.kernels import tq_compress as tqc  # noqa: E402
@@ -102,41 +102,52 @@ def check_decode(q, kv, rel_tol=2e-2) -> float:
     return err
 
 
+PROGRESS = Progress(0, enabled=False)  # main() replaces it: the bar over every case of the run
+
+
+def _report(line: str, case: str) -> None:
+    """Print a finished case's line (above the progress bar) and advance the bar."""
+    PROGRESS.write(line)
+    PROGRESS.step(case)
+
+
+def decode_shapes(cases, hq_list, d_list) -> list[tuple[int, int, int, int, int]]:
+    """(B, N, Hq, Hkv, d) of every decode row that fits (fp16 K/V + their compressed copy + temporaries)."""
+    return [(b, n, hq, hkv, d) for b, n in cases for hq, hkv in hq_list for d in d_list
+            if b * hkv * n * d * 2 * 2 <= 20 * 2**30]  # fmt: skip
+
+
 def decode_rows(cases, hq_list, d_list, bw, quick, graph):
     rows = []
     dev = "cuda"
-    for b, n in cases:
-        for hq, hkv in hq_list:
-            for d in d_list:
-                fp16_bytes = b * hkv * n * d * 2 * 2
-                if fp16_bytes > 20 * 2**30:  # fp16 K/V + their compressed copy + temporaries must fit
-                    continue
-                torch.cuda.empty_cache()
-                q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.float16)
-                k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.float16)
-                v = torch.randn_like(k)
-                row = dict(kind="decode", B=b, N=n, Hq=hq, Hkv=hkv, d=d)
-                t_sdpa, backend = sdpa_best(q, k, v)
-                row.update(sdpa_ms=t_sdpa, sdpa_backend=backend, sdpa_pct_bw=100 * fp16_bytes / (t_sdpa * 1e-3) / bw)
-                if graph:
-                    row["sdpa_graph_ms"] = sdpa_best(q, k, v, graph=True)[0]
-                row["triton_fa_ms"] = bench(functools.partial(flash_attention, q, k, v))
-                del k, v
-                for bits in (4, 3):
-                    kv, _, _ = make_compressed(b, hkv, n, d, bits, bits, torch.float16, dev)
-                    row[f"tq{bits}_check_err"] = check_decode(q, kv)
-                    t = bench(functools.partial(tq_attention, q, kv, None, None))
-                    tq_bytes = b * hkv * n * kv.codecs.layout.bytes_per_token_per_head
-                    row[f"tq{bits}_ms"] = t
-                    row[f"tq{bits}_speedup"] = t_sdpa / t
-                    row[f"tq{bits}_pct_bw"] = 100 * tq_bytes / (t * 1e-3) / bw
-                    if graph:
-                        tg = bench(functools.partial(tq_attention, q, kv, None, None), graph=True)
-                        row[f"tq{bits}_graph_ms"] = tg
-                        row[f"tq{bits}_graph_speedup"] = row["sdpa_graph_ms"] / tg
-                    del kv
-                rows.append(row)
-                print(_fmt_decode(row), flush=True)
+    for b, n, hq, hkv, d in decode_shapes(cases, hq_list, d_list):
+        fp16_bytes = b * hkv * n * d * 2 * 2
+        torch.cuda.empty_cache()
+        q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.float16)
+        k = torch.randn(b, hkv, n, d, device=dev, dtype=torch.float16)
+        v = torch.randn_like(k)
+        row = dict(kind="decode", B=b, N=n, Hq=hq, Hkv=hkv, d=d)
+        t_sdpa, backend = sdpa_best(q, k, v)
+        row.update(sdpa_ms=t_sdpa, sdpa_backend=backend, sdpa_pct_bw=100 * fp16_bytes / (t_sdpa * 1e-3) / bw)
+        if graph:
+            row["sdpa_graph_ms"] = sdpa_best(q, k, v, graph=True)[0]
+        row["triton_fa_ms"] = bench(functools.partial(flash_attention, q, k, v))
+        del k, v
+        for bits in (4, 3):
+            kv, _, _ = make_compressed(b, hkv, n, d, bits, bits, torch.float16, dev)
+            row[f"tq{bits}_check_err"] = check_decode(q, kv)
+            t = bench(functools.partial(tq_attention, q, kv, None, None))
+            tq_bytes = b * hkv * n * kv.codecs.layout.bytes_per_token_per_head
+            row[f"tq{bits}_ms"] = t
+            row[f"tq{bits}_speedup"] = t_sdpa / t
+            row[f"tq{bits}_pct_bw"] = 100 * tq_bytes / (t * 1e-3) / bw
+            if graph:
+                tg = bench(functools.partial(tq_attention, q, kv, None, None), graph=True)
+                row[f"tq{bits}_graph_ms"] = tg
+                row[f"tq{bits}_graph_speedup"] = row["sdpa_graph_ms"] / tg
+            del kv
+        rows.append(row)
+        _report(_fmt_decode(row), f"decode {b}x{n // 1024}K d{d}")
     return rows
 
 
@@ -164,9 +175,9 @@ def prefill_rows(lengths):
         row = dict(kind="prefill", N=s, sdpa_ms=t_sdpa, sdpa_backend=backend, sdpa_tflops=flops / t_sdpa / 1e9,
                    triton_fa_ms=t, triton_fa_tflops=flops / t / 1e9, ratio=t_sdpa / t, check_err=err)  # fmt: skip
         rows.append(row)
-        print(f"prefill causal 1x{s}: sdpa {t_sdpa:.3f} ms ({row['sdpa_tflops']:.0f} TFLOP/s, {backend}) | "
-              f"triton_fa {t:.3f} ms ({row['triton_fa_tflops']:.0f} TFLOP/s) = {100 * t_sdpa / t:.0f}% of SDPA; "
-              f"rel err {err:.1e}", flush=True)  # fmt: skip
+        _report(f"prefill causal 1x{s}: sdpa {t_sdpa:.3f} ms ({row['sdpa_tflops']:.0f} TFLOP/s, {backend}) | "
+                f"triton_fa {t:.3f} ms ({row['triton_fa_tflops']:.0f} TFLOP/s) = {100 * t_sdpa / t:.0f}% of SDPA; "
+                f"rel err {err:.1e}", f"prefill {s // 1024}K")  # fmt: skip
     return rows
 
 
@@ -194,8 +205,8 @@ def chunked_rows(prefix=32768, chunk=2048):
     flops = 4 * 32 * chunk * (prefix + chunk / 2) * d
     row = dict(kind="chunked_prefill", N=prefix, chunk=chunk, sdpa_ms=t_sdpa, tq4_ms=t, ratio=t_sdpa / t,
                sdpa_tflops=flops / t_sdpa / 1e9, tq4_tflops=flops / t / 1e9)  # fmt: skip
-    print(f"chunked prefill {chunk} over {prefix // 1024}K: sdpa fp16 {t_sdpa:.3f} ms | tq4 fused {t:.3f} ms "
-          f"= {100 * row['ratio']:.0f}% of SDPA throughput", flush=True)  # fmt: skip
+    _report(f"chunked prefill {chunk} over {prefix // 1024}K: sdpa fp16 {t_sdpa:.3f} ms | tq4 fused {t:.3f} ms "
+            f"= {100 * row['ratio']:.0f}% of SDPA throughput", "chunked prefill")  # fmt: skip
     return [row]
 
 
@@ -215,9 +226,10 @@ def compress_rows(bw):
             t, tg = bench(fn), bench(fn, graph=True)  # eager includes the host's launch cost; graph replay does not
             rows.append(dict(kind="compress", B=b, N=s, tiles=tiles, ms=t, pct_bw=100 * moved / (t * 1e-3) / bw,
                              graph_ms=tg, graph_pct_bw=100 * moved / (tg * 1e-3) / bw))  # fmt: skip
-            print(f"compress 4-bit B={b} S={s} tiles={tiles}: {t:.4f} ms eager, {tg:.4f} ms graph replay, "
-                  f"{100 * moved / (tg * 1e-3) / bw:.0f}% of copy bandwidth (graph)")  # fmt: skip
+            PROGRESS.write(f"compress 4-bit B={b} S={s} tiles={tiles}: {t:.4f} ms eager, {tg:.4f} ms graph replay, "
+                           f"{100 * moved / (tg * 1e-3) / bw:.0f}% of copy bandwidth (graph)")  # fmt: skip
         tqc.CONFIG["tiles"] = default
+        PROGRESS.step(f"compress {b}x{s // 1024}K")
     return rows
 
 
@@ -315,6 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph timings")
     p.add_argument("--json", help="write all rows as JSON here")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "benchmarks/out"))
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--plot", metavar="PNG", help="also draw the decode speedups and % of bandwidth here")
     p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a saved result file (no GPU needed)")
     args = p.parse_args(argv)
@@ -336,17 +349,22 @@ def main(argv=None) -> int:
     graph = not args.no_graph
     if args.quick:
         cases = [(1, 4096), (1, 32768), (1, 131072), (16, 32768)]
-        heads, dims = [(32, 8)], [128]
     else:
         cases = [(b, n) for b in (1, 16, 64) for n in (4096, 32768, 131072)]
-        heads, dims = [(32, 8)], [128]
-    rows = decode_rows(cases, heads, dims, bw, args.quick, graph)
+    decode_sets = [(cases, [(32, 8)], [128])]
     if not args.quick:  # MHA (Hkv = 32) and other head dims at the target shapes
-        rows += decode_rows([(1, 32768), (16, 32768)], [(32, 32)], [128], bw, args.quick, graph)
-        rows += decode_rows([(1, 32768), (16, 32768)], [(32, 8)], [64, 256], bw, args.quick, graph)
+        targets = [(1, 32768), (16, 32768)]
+        decode_sets += [(targets, [(32, 32)], [128]), (targets, [(32, 8)], [64, 256])]
+    total = sum(len(decode_shapes(*d)) for d in decode_sets) + 2 + 1 + 2  # + prefill, chunked, compress
+    global PROGRESS
+    PROGRESS = Progress(total, enabled=not args.no_progress, desc="attention bench")
+    rows = []
+    for decode_set in decode_sets:
+        rows += decode_rows(*decode_set, bw, args.quick, graph)
     rows += prefill_rows([4096, 16384])
     rows += chunked_rows()
     rows += compress_rows(bw)
+    PROGRESS.close()
     write_results(rows, args.out_dir, "attention", env=env)
     if args.json:
         import json

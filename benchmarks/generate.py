@@ -65,6 +65,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     GiB,
+    Progress,
     copy_bandwidth,
     default_out_dir,
     env_header,
@@ -206,41 +207,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-class _Progress:
-    """tqdm over the work items (a no-op stand-in when tqdm is missing or disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc="generate bench", unit="case", mininterval=2.0, file=sys.stderr)
-            except Exception:  # pragma: no cover
-                self.bar = None
-
-    def write(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stdout)
-        else:
-            print(msg, flush=True)
-        sys.stdout.flush()
-
-    def step(self, desc: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(desc, refresh=False)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ----------------------------------------------------------------------------------------------------- bench
 class GenerateBench:
     """Holds the model and the settings; each public method returns result rows (dicts)."""
 
-    def __init__(self, args, progress: _Progress):
+    def __init__(self, args, progress: Progress):
         from turboquant_vllm.layout import KVLayout
 
         self.args = args
@@ -1164,7 +1135,7 @@ def run(args) -> int:
     mb_kinds = [k for k in ("exact", "fused") if selected(f"maxbatch:{k}", args.cases)]
     total = int(want_check) + len(case_plan) + len(mb_kinds) + 1
 
-    progress = _Progress(total, enabled=not args.no_progress)
+    progress = Progress(total, enabled=not args.no_progress, desc="generate bench")
     bench = GenerateBench(args, progress)
     rows: list[dict] = []
     mb: dict[str, dict] = {}
