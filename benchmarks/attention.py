@@ -283,8 +283,8 @@ def plot_decode(rows: list[dict], env: dict, path: str | Path) -> Path:
     a1.axhline(1.0, color="k", lw=0.8, ls="--")
     a1.set_ylabel("speedup over fp16 SDPA (x)")
     mode = "CUDA-graph replay" if all(p["graph"] for p in points) else "medians"
-    a1.set_title(f"Decode attention over the compressed cache, Hq 32, fp16 ({mode}); "
-                 f"{env.get('gpu', env.get('device', ''))}", fontsize=10)  # fmt: skip
+    a1.set_title(f"Decode attention over the compressed cache, Hq 32, fp16 ({mode})\n"
+                 f"{env.get('gpu', env.get('device', ''))}", fontsize=9)  # fmt: skip
     handles, labels = a1.get_legend_handles_labels()
     seen = dict(zip(labels, handles, strict=False))
     a1.legend(seen.values(), seen.keys(), loc="upper left", fontsize=8)
