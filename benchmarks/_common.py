@@ -275,3 +275,46 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+def add_plot_arguments(p, what: str) -> None:
+    """--plot PNG (draw `what` after the run) and --plot-from JSON (only redraw saved results, no GPU)."""
+    p.add_argument("--plot", metavar="PNG", help=f"also draw {what} here")
+    p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a saved result file (no GPU needed)")
+
+
+def plot_only(p, args, draw) -> int:
+    """The --plot-from run: draw(load_results(args.plot_from), args.plot); bad input is a usage error."""
+    if not args.plot:
+        p.error("--plot-from needs --plot PNG")
+    try:
+        print(f"wrote {draw(load_results(args.plot_from, p.prog), args.plot)}")
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    return 0
+
+
+def load_results(path: str | Path, script: str) -> dict:
+    """A saved result file ({"env", "rows", ...} of write_results or --json) of benchmarks/<script>."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no result file at {p}")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{p} holds no 'rows' (not a {script} result)")
+    return data
+
+
+def save_figure(fig, path: str | Path, env: dict, keys: tuple[str, ...], rect: tuple) -> Path:
+    """Stamp the environment's `keys` in the corner, lay out within `rect`, write the PNG, close the figure."""
+    import matplotlib.pyplot as plt
+
+    stamp = ", ".join(f"{k} {env[k]}" for k in keys if k in env)
+    fig.text(0.01, 0.005, stamp, fontsize=7, color="0.4")
+    fig.tight_layout(rect=rect)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Progress, copy_bandwidth, env_header, print_table, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    Progress,
+    add_plot_arguments,
+    copy_bandwidth,
+    env_header,
+    plot_only,
+    print_table,
+    save_figure,
+    write_results,
+)
 
 from turboquant_vllm.core.kvcodec import attention_reference, dequantize_reference  # noqa: E402
 from turboquant_vllm.kernels import tq_compress as tqc  # noqa: E402
@@ -298,27 +307,7 @@ def plot_decode(rows: list[dict], env: dict, path: str | Path) -> Path:
     a2.set_ylabel("fused TQ4: % of copy bandwidth")
     a2.set_xticks(x, [p["label"] for p in points], fontsize=8)
     a2.set_xlabel("batch x context (Hkv 8, head_dim 128 unless said)")
-    stamp = ", ".join(f"{k} {env[k]}" for k in ("date_utc", "torch", "triton") if k in env)
-    fig.text(0.01, 0.005, stamp, fontsize=7, color="0.4")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_from(json_path: str | Path, png_path: str | Path) -> Path:
-    """plot_decode from a saved result file (attention.json of write_results, or --json's)."""
-    import json
-
-    p = Path(json_path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no result file at {p}")
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or "rows" not in data:
-        raise ValueError(f"{p} holds no 'rows' (not a benchmarks/attention.py result)")
-    return plot_decode(data["rows"], data.get("env", {}), png_path)
+    return save_figure(fig, path, env, ("date_utc", "torch", "triton"), (0, 0.02, 1, 1))
 
 
 def main(argv=None) -> int:
@@ -328,17 +317,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write all rows as JSON here")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "benchmarks/out"))
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--plot", metavar="PNG", help="also draw the decode speedups and % of bandwidth here")
-    p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a saved result file (no GPU needed)")
+    add_plot_arguments(p, "the decode speedups and % of bandwidth")
     args = p.parse_args(argv)
     if args.plot_from:
-        if not args.plot:
-            p.error("--plot-from needs --plot PNG")
-        try:
-            print(f"wrote {plot_from(args.plot_from, args.plot)}")
-        except (OSError, ValueError) as e:
-            p.error(str(e))
-        return 0
+        return plot_only(p, args, lambda data, png: plot_decode(data["rows"], data.get("env", {}), png))
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU")
         return 2

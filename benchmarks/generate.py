@@ -53,7 +53,6 @@ import contextlib
 import fnmatch
 import gc
 import inspect
-import json
 import os
 import sys
 import time
@@ -66,11 +65,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     GiB,
     Progress,
+    add_plot_arguments,
     copy_bandwidth,
     default_out_dir,
     env_header,
     fmt,
+    plot_only,
     print_table,
+    save_figure,
     write_json,
     write_results,
 )
@@ -1061,8 +1063,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which remaining cases are skipped (default 330; smoke none)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--plot", metavar="PNG", help="also draw tokens/s, KV memory and the max batch here")
-    p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a saved result file (no GPU needed)")
+    add_plot_arguments(p, "tokens/s, KV memory and the max batch")
 
 
 def _defaults(args) -> None:
@@ -1290,25 +1291,7 @@ def plot_generate(rows: list[dict], maxbatch: dict, env: dict, path: str | Path)
     layers = sorted({r["layers"] for r in ok} | {maxbatch[k].get("layers", 0) for k in kinds} - {0})
     fig.suptitle(f"generate(): Llama-3.1-8B-shaped model, random weights, {'/'.join(map(str, layers))} layers; "
                  f"{env.get('gpu', env.get('device', ''))}", fontsize=10)  # fmt: skip
-    stamp = ", ".join(f"{k} {env[k]}" for k in ("date_utc", "torch", "triton", "transformers") if k in env)
-    fig.text(0.01, 0.005, stamp, fontsize=7, color="0.4")
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_from(json_path: str | Path, png_path: str | Path) -> Path:
-    """plot_generate from a saved result file (generate.json, or --json's)."""
-    p = Path(json_path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no result file at {p}")
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or "rows" not in data:
-        raise ValueError(f"{p} holds no 'rows' (not a benchmarks/generate.py result)")
-    return plot_generate(data["rows"], data.get("maxbatch") or {}, data.get("env", {}), png_path)
+    return save_figure(fig, path, env, ("date_utc", "torch", "triton", "transformers"), (0, 0.03, 1, 0.95))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1317,14 +1300,12 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     if args.plot_from:
-        if not args.plot:
-            p.error("--plot-from needs --plot PNG")
-        try:
-            print(f"wrote {plot_from(args.plot_from, args.plot)}")
-        except (OSError, ValueError) as e:
-            p.error(str(e))
-        return 0
+        return plot_only(p, args, _plot_saved)
     return run(args)
+
+
+def _plot_saved(data: dict, png: str) -> Path:
+    return plot_generate(data["rows"], data.get("maxbatch") or {}, data.get("env", {}), png)
 
 
 if __name__ == "__main__":
