@@ -1412,12 +1412,13 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
         return _launch_planned(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens,
                                max_tokens, key_exact, value_exact, mask, causal, causal_comp, scale, out,
                                num_kv_splits, None)  # fmt: skip
+    ptr = _addresses(query, kp, kn, vp, vn, k_mean, v_mean, codecs, block_table, seq_lens, key_exact, value_exact,
+                     mask)  # fmt: skip
     key = _call_key(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens, max_tokens,
-                    key_exact, value_exact, mask, causal, causal_comp, scale, out, num_kv_splits)  # fmt: skip
+                    key_exact, value_exact, mask, causal, causal_comp, scale, out, num_kv_splits, ptr)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is not None:
-        return plan.run(query, kp, kn, vp, vn, k_mean, v_mean, codecs, block_table, seq_lens, key_exact,
-                        value_exact, mask, out)  # fmt: skip
+        return plan.run(ptr, out)
     record: list = []
     out = _launch_planned(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens,
                           max_tokens, key_exact, value_exact, mask, causal, causal_comp, scale, out, num_kv_splits,
@@ -1430,27 +1431,45 @@ def _launch(query, *, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, blo
     return out
 
 
+def _addresses(query, kp, kn, vp, vn, k_mean, v_mean, codecs, block_table, seq_lens, key_exact, value_exact,
+               mask) -> dict:  # fmt: skip
+    """The call's addresses by role (_launch_planned's named tensors; absent ones: the query's / key norms', which
+    the kernels get as dummy pointers)."""
+    kc, vc = _codebooks(codecs, query.dtype)
+    q, kn_p = query.data_ptr(), kn.data_ptr()
+    return {
+        "q": q, "pi": codecs.rotation.data_ptr(), "k_mean": k_mean.data_ptr(), "v_mean": v_mean.data_ptr(),
+        "kp": kp.data_ptr(), "kn": kn_p, "vp": vp.data_ptr(), "vn": vn.data_ptr(),
+        "kc": kc.data_ptr(), "vc": vc.data_ptr(),
+        "bt": kn_p if block_table is None else block_table.data_ptr(),
+        "sl": kn_p if seq_lens is None else seq_lens.data_ptr(),
+        "ke": q if key_exact is None else key_exact.data_ptr(),
+        "ve": q if value_exact is None else value_exact.data_ptr(),
+        "mask": q if mask is None else mask.data_ptr(),
+    }  # fmt: skip
+
+
 def _call_key(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, block_table, seq_lens, max_tokens,
-              key_exact, value_exact, mask, causal, causal_comp, scale, out, num_kv_splits) -> tuple:  # fmt: skip
+              key_exact, value_exact, mask, causal, causal_comp, scale, out, num_kv_splits, ptr) -> tuple:  # fmt: skip
     """Everything _launch_planned reads except the addresses themselves: shapes, strides, dtypes, lengths, flags,
     each pointer's offset from 16-byte alignment (Triton specializes on it; the packed bytes' unit width and the
     paired norms depend on it too), the codecs' layout and codebook values (not the Codecs object: every layer
     has its own, with the same values) and the module settings benchmarks flip."""
-    kn_ptr = kn.data_ptr()
     key = (
-        query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
-        kp.shape, kp.stride(), kp.dtype, kp.data_ptr() & 15, vp.shape, vp.stride(), vp.dtype, vp.data_ptr() & 15,
-        kn.stride(), kn.dtype, kn_ptr & 15, vn.stride(), vn.dtype, vn.data_ptr() - kn_ptr,
-        k_mean.shape, k_mean.stride(), k_mean.dtype, k_mean.data_ptr() & 15,
-        v_mean.shape, v_mean.stride(), v_mean.dtype, v_mean.data_ptr() & 15,
-        codecs.layout, codecs.rotation.stride(), codecs.rotation.dtype, codecs.rotation.data_ptr() & 15,
+        query.shape, query.stride(), query.dtype, query.device, ptr["q"] & 15,
+        kp.shape, kp.stride(), kp.dtype, ptr["kp"] & 15, vp.shape, vp.stride(), vp.dtype, ptr["vp"] & 15,
+        kn.stride(), kn.dtype, ptr["kn"] & 15, vn.stride(), vn.dtype, ptr["vn"] - ptr["kn"],
+        k_mean.shape, k_mean.stride(), k_mean.dtype, ptr["k_mean"] & 15,
+        v_mean.shape, v_mean.stride(), v_mean.dtype, ptr["v_mean"] & 15,
+        codecs.layout, codecs.rotation.stride(), codecs.rotation.dtype, ptr["pi"] & 15,
         _codebook_key(codecs, query.dtype),
         n_comp, max_tokens, causal, causal_comp, scale, num_kv_splits, paged,
         SHUFFLE_GATHER, SUBTILE_DECODE, DECODE_CONFIG, DECODE_MAXNREG, PDL, _DECODE_RESIDENT, _MIN_CHUNK,
         _SPLIT_OVERHEAD, _MAX_SPLITS,
     )  # fmt: skip
-    for t in (key_exact, value_exact, mask, out, block_table, seq_lens):
-        key += (None,) if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+    for role, t in (("ke", key_exact), ("ve", value_exact), ("mask", mask), ("bt", block_table), ("sl", seq_lens)):
+        key += (None,) if t is None else (t.shape, t.stride(), t.dtype, ptr[role] & 15)
+    key += (None,) if out is None else (out.shape, out.stride(), out.dtype, out.data_ptr() & 15)
     return key
 
 
@@ -1482,26 +1501,13 @@ class _CallPlan:
         plan.out_shape, plan.out_dtype, plan.device = tuple(out.shape), out.dtype, out.device
         return plan
 
-    def run(self, query, kp, kn, vp, vn, k_mean, v_mean, codecs, block_table, seq_lens, key_exact, value_exact,
-            mask, out):  # fmt: skip
-        kc, vc = _codebooks(codecs, query.dtype)
+    def run(self, ptr: dict, out: torch.Tensor | None) -> torch.Tensor:
+        """Launch with the call's addresses (_addresses), a fresh workspace and `out` (allocated when None)."""
         if out is None:
             out = torch.empty(self.out_shape, device=self.device, dtype=self.out_dtype)
         ws = torch.empty(self.ws_numel, device=self.device, dtype=torch.float32)
         w = ws.data_ptr()
-        q = query.data_ptr()
-        kn_p = kn.data_ptr()
-        ptr = {
-            "q": q, "pi": codecs.rotation.data_ptr(), "k_mean": k_mean.data_ptr(), "v_mean": v_mean.data_ptr(),
-            "kp": kp.data_ptr(), "kn": kn_p, "vp": vp.data_ptr(), "vn": vn.data_ptr(),
-            "kc": kc.data_ptr(), "vc": vc.data_ptr(),
-            "bt": kn_p if block_table is None else block_table.data_ptr(),
-            "sl": kn_p if seq_lens is None else seq_lens.data_ptr(),
-            "ke": q if key_exact is None else key_exact.data_ptr(),
-            "ve": q if value_exact is None else value_exact.data_ptr(),
-            "mask": q if mask is None else mask.data_ptr(),
-            "ws": w, "qr": w + self.ws_offsets[0], "qm": w + self.ws_offsets[1], "out": out.data_ptr(),
-        }  # fmt: skip
+        ptr = {**ptr, "ws": w, "qr": w + self.ws_offsets[0], "qm": w + self.ws_offsets[1], "out": out.data_ptr()}
         self.replay.run(ptr, self.device.index)
         return out
 

@@ -479,13 +479,13 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
         return
     x = parts[0][0]
     pi = rotation if x.dtype == torch.float32 else _half_rotation(rotation)
-    key = _call_key(parts, rotation, pi, offset, on_device)
+    ptr = {"pi": pi.data_ptr(), "off": offset.data_ptr() if on_device else 0}
+    for i, (t, mean, bnd, _bits, pk, nr) in enumerate(parts):
+        ptr.update({f"x{i}": t.data_ptr(), f"mean{i}": mean.data_ptr(), f"bnd{i}": bnd.data_ptr(),
+                    f"pk{i}": pk.data_ptr(), f"nr{i}": nr.data_ptr()})  # fmt: skip
+    key = _call_key(parts, rotation, offset, on_device, ptr)
     replay = _PLANS.get(key)
     if replay is not None:
-        ptr = {"pi": pi.data_ptr(), "off": offset.data_ptr() if on_device else 0}
-        for i, (t, mean, bnd, _bits, pk, nr) in enumerate(parts):
-            ptr.update({f"x{i}": t.data_ptr(), f"mean{i}": mean.data_ptr(), f"bnd{i}": bnd.data_ptr(),
-                        f"pk{i}": pk.data_ptr(), f"nr{i}": nr.data_ptr()})  # fmt: skip
         replay.run(ptr, x.device.index)
         return
     record: list = []
@@ -498,18 +498,19 @@ def _launch(parts, rotation: torch.Tensor, offset, on_device: bool) -> None:
             _PLANS[key] = replay
 
 
-def _call_key(parts, rotation, pi, offset, on_device: bool) -> tuple:
-    """What _launch_planned reads except the addresses: shapes, strides, dtypes, bits, each pointer's offset from
-    16-byte alignment, the quantizer tables' values (the PTX), the write offset (a host int), the settings."""
+def _call_key(parts, rotation, offset, on_device: bool, ptr: dict) -> tuple:
+    """What _launch_planned reads except the addresses (ptr, by role): shapes, strides, dtypes, bits, each pointer's
+    offset from 16-byte alignment, the quantizer tables' values (the PTX), the write offset (a host int), the
+    settings."""
     x = parts[0][0]
-    key = (x.shape, x.device, len(parts), rotation.stride(), rotation.dtype, pi.data_ptr() & 15, on_device,
-           (offset.shape, offset.stride(), offset.dtype, offset.data_ptr() & 15) if on_device else offset,
+    key = (x.shape, x.device, len(parts), rotation.stride(), rotation.dtype, ptr["pi"] & 15, on_device,
+           (offset.shape, offset.stride(), offset.dtype, ptr["off"] & 15) if on_device else offset,
            tuple(CONFIG.items()), len(parts) == 2 and parts[1][2] is parts[0][2])  # fmt: skip
-    for t, mean, bnd, bits, pk, nr in parts:
-        key += (t.stride(), t.dtype, t.data_ptr() & 15, mean.shape, mean.stride(), mean.dtype, mean.data_ptr() & 15,
-                bits, bnd.shape, bnd.stride(), bnd.dtype, bnd.data_ptr() & 15,
+    for i, (t, mean, bnd, bits, pk, nr) in enumerate(parts):
+        key += (t.stride(), t.dtype, ptr[f"x{i}"] & 15, mean.shape, mean.stride(), mean.dtype, ptr[f"mean{i}"] & 15,
+                bits, bnd.shape, bnd.stride(), bnd.dtype, ptr[f"bnd{i}"] & 15,
                 "" if x.dtype == torch.float32 else _quantize_asm(bnd, bits), pk.shape, pk.stride(), pk.dtype,
-                pk.data_ptr() & 15, nr.shape, nr.stride(), nr.dtype, nr.data_ptr() & 15)  # fmt: skip
+                ptr[f"pk{i}"] & 15, nr.shape, nr.stride(), nr.dtype, ptr[f"nr{i}"] & 15)  # fmt: skip
     return key
 
 
