@@ -280,7 +280,7 @@ class Progress:
 # ------------------------------------------------------------------------------------------------------ plots
 def add_plot_arguments(p, what: str) -> None:
     """--plot PNG (draw `what` after the run) and --plot-from JSON (only redraw saved results, no GPU)."""
-    p.add_argument("--plot", metavar="PNG", help=f"also draw {what} here")
+    p.add_argument("--plot", metavar="PNG", help=f"also draw {what.replace('%', '%%')} here")  # argparse formats %
     p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a saved result file (no GPU needed)")
 
 

@@ -46,6 +46,14 @@ def test_generate_help_is_the_scripts_own(capsys):
     assert "turboquant-vllm bench generate" in out
 
 
+def test_attention_help_is_the_scripts_own(capsys):
+    assert main(["bench", "attention", "--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in ("--quick", "--json", "--out-dir", "--plot", "--plot-from"):
+        assert opt in out
+    assert "% of bandwidth" in out
+
+
 def test_bad_option_is_a_usage_error(capsys):
     assert main(["bench", "generate", "--no-such-option"]) == 2
     assert "unrecognized arguments" in capsys.readouterr().err
