@@ -166,3 +166,21 @@ def test_bad_inputs():
         pack(torch.zeros(3, 64), 4)
     with pytest.raises(ValueError, match="packed last dim"):
         unpack(torch.zeros(3, 31, dtype=torch.uint8), 4, 64)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_codes_are_sign_magnitude(bits):
+    """Stored codes relabel the sorted codebook's ranks: the top bit is the sign, the bits below rank the
+    magnitude; dequantizing the code with the code-ordered table gives the rank's centroid."""
+    from turboquant_vllm.core.kvcodec import centroids_by_code, code_of_rank, rank_of_code
+
+    cb = lloyd_max_codebook(64, bits)
+    ranks = torch.arange(1 << bits)
+    codes = code_of_rank(ranks, bits)
+    assert sorted(codes.tolist()) == ranks.tolist()  # a permutation
+    assert torch.equal(rank_of_code(codes, bits), ranks)
+    table = centroids_by_code(cb.centroids, bits)
+    assert torch.equal(table[codes], cb.centroids)
+    half = 1 << (bits - 1)
+    assert (table[:half] > 0).all() and torch.equal(table[half:], -table[:half])
+    assert torch.equal(table[:half], table[:half].sort().values)  # magnitudes increase with the code

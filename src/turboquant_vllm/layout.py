@@ -2,13 +2,18 @@
 
 Per compressed layer, for keys (and likewise values with v_bits):
 
-    k_packed  uint8   [B, H_kv, capacity, head_dim * k_bits / 8]   codebook indices, packed (core/packing.py)
+    k_packed  uint8   [B, H_kv, capacity, head_dim * k_bits / 8]   codes, packed (core/packing.py)
     norms     bfloat16 [B, H_kv, capacity, 2]                      ||k - k_mean||, ||v - v_mean|| of each token
     k_mean    float32 [B, H_kv, head_dim]                          centring offset, fixed at the first update
 
 A token's key is reconstructed as k_hat = k_mean + k_norm * (centroids[idx] @ Pi), where Pi is the
 float32 [head_dim, head_dim] rotation (x_rot = x @ Pi.T). Attention reads the packed indices
 directly: <q, k_hat> = <q, k_mean> + k_norm * <q @ Pi.T, centroids[idx]>.
+
+Codes are sign-magnitude (core/kvcodec.py code_of_rank): the top bit of a code is the sign of its centroid,
+the bits below rank its magnitude, so at 4 bits code c is +m_c for c < 8 and -m_(c-8) above. The Lloyd-Max
+codebooks are symmetric about zero, so this is a relabelling (no quality change); it lets the decode kernel
+read a magnitude index and a sign straight from the packed bits (tq_attention GATHER 3).
 
 The paged layout used by serving engines is the same per token, with [num_blocks, H_kv, block_size, ...]
 in place of [B, H_kv, capacity, ...] and a block table [B, max_blocks] int32.
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .core.codebook import check_bits, lloyd_max_codebook
+from .core.kvcodec import centroids_by_code
 from .core.packing import check_packable_dim, packed_bytes
 from .core.rotation import make_rotation
 
@@ -88,10 +94,10 @@ class Codecs:
 
     layout: KVLayout
     rotation: torch.Tensor  # float32 [head_dim, head_dim]
-    k_centroids: torch.Tensor  # float32 [2**k_bits]
-    k_boundaries: torch.Tensor  # float32 [2**k_bits - 1]
-    v_centroids: torch.Tensor  # float32 [2**v_bits]
-    v_boundaries: torch.Tensor  # float32 [2**v_bits - 1]
+    k_centroids: torch.Tensor  # float32 [2**k_bits], indexed by stored code (kvcodec.centroids_by_code)
+    k_boundaries: torch.Tensor  # float32 [2**k_bits - 1], increasing (bucketize gives ranks: kvcodec.code_of_rank)
+    v_centroids: torch.Tensor  # float32 [2**v_bits], indexed by stored code
+    v_boundaries: torch.Tensor  # float32 [2**v_bits - 1], increasing
     copies: dict = field(default_factory=dict, compare=False, repr=False)  # device -> Codecs, made by to()
 
     @classmethod
@@ -107,9 +113,9 @@ class Codecs:
         return cls(
             layout=layout,
             rotation=make_rotation(layout.head_dim, seed, rotation).to(device),
-            k_centroids=kc.centroids.to(device),
+            k_centroids=centroids_by_code(kc.centroids, layout.k_bits).to(device),
             k_boundaries=kc.boundaries.to(device),
-            v_centroids=vc.centroids.to(device),
+            v_centroids=centroids_by_code(vc.centroids, layout.v_bits).to(device),
             v_boundaries=vc.boundaries.to(device),
         )
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from turboquant_vllm.core.codebook import lloyd_max_codebook
+from turboquant_vllm.core.kvcodec import centroids_by_code
 from turboquant_vllm.kernels.tq_attention import _permute_asm, _permute_words
 
 MASK32 = 0xFFFFFFFF
@@ -47,6 +48,7 @@ _OPS = {
     "shl.b32": lambda a, s: (a << s) & MASK32,
     "sub.u32": lambda a, b: (a - b) & MASK32,
     "or.b32": lambda a, b: a | b,
+    "and.b32": lambda a, b: a & b,
     "popc.b32": lambda a: bin(a).count("1"),
     "mov.u32": lambda a: a,
 }
@@ -76,7 +78,7 @@ def _bits(values: torch.Tensor, dtype: torch.dtype) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_permute_lookup_matches_the_codebook(dtype, dim):
-    values = lloyd_max_codebook(dim, 4).centroids
+    values = centroids_by_code(lloyd_max_codebook(dim, 4).centroids, 4)  # the table the kernels get (Codecs)
     asm = _permute_asm(values.tolist(), dtype)
     assert asm, "a Lloyd-Max codebook is symmetric: the permute lookup must apply"
     table = _bits(values, dtype)
@@ -93,12 +95,13 @@ def test_permute_lookup_matches_the_codebook(dtype, dim):
 
 
 def test_permute_lookup_declines_tables_it_cannot_hold():
-    sym = lloyd_max_codebook(128, 4).centroids
+    sorted_values = lloyd_max_codebook(128, 4).centroids
+    sym = centroids_by_code(sorted_values, 4)
     assert _permute_words(sym.tolist(), torch.float16) is not None
+    assert _permute_asm(sorted_values.tolist(), torch.float16) == ""  # increasing order is not the code order
     skewed = sym.clone()
     skewed[3] += 1e-2  # no longer symmetric
     assert _permute_asm(skewed.tolist(), torch.float16) == ""
     assert _permute_asm(sym.tolist(), torch.float32) == ""  # 32-bit values: two registers per code
-    assert _permute_asm(lloyd_max_codebook(128, 3).centroids.tolist(), torch.float16) == ""  # 8 entries
-    shifted = (sym + 1.0).tolist()  # every entry positive: no sign to fold
-    assert _permute_asm(shifted, torch.float16) == ""
+    assert _permute_asm(centroids_by_code(lloyd_max_codebook(128, 3).centroids, 3).tolist(), torch.float16) == ""
+    assert _permute_asm((sym.abs() + 1.0).tolist(), torch.float16) == ""  # every entry positive: no sign to fold

@@ -1,6 +1,8 @@
 """tq_compress (Triton; CPU interpreter here) against core.kvcodec.compress_reference.
 
-Indices must agree except where a rotated coordinate lies close to a boundary, off by one level at most:
+Indices (the codes' ranks in the sorted codebook: codes are their sign-magnitude relabelling, so neighbours
+across zero differ by half the code range) must agree except where a rotated coordinate lies close to a
+boundary, off by one level at most:
 float32 inputs (3xTF32 on the GPU, exact float32 in the interpreter) within float rounding (<= 0.1% of the
 indices); fp16 / bf16 inputs (one fp16 tensor-core pass) within ~1e-3 of a boundary (< 1% of the indices).
 Norms are stored as bfloat16: the float32 reference rounded to nearest (ties to even), as torch rounds.
@@ -14,7 +16,7 @@ import functools
 import pytest
 import torch
 
-from turboquant_vllm.core.kvcodec import compress_reference
+from turboquant_vllm.core.kvcodec import compress_reference, rank_of_code
 from turboquant_vllm.core.packing import unpack
 from turboquant_vllm.kernels import tq_compress as tqc
 from turboquant_vllm.kernels.tq_compress import tq_compress
@@ -49,8 +51,8 @@ def _run(device, b, h, s, d, bits, dtype, offset=3, extra=4, x=None, seed=0):
     nr = torch.full((b, h, cap), float("nan"), device=device, dtype=torch.bfloat16)
     tq_compress(x, mean, c.rotation, c.k_boundaries, bits, pk, nr, offset)
     rp, rn = compress_reference(x, mean, c.rotation, c.k_boundaries, bits)
-    got = unpack(pk[:, :, offset : offset + s], bits, d).int()
-    want = unpack(rp, bits, d).int()
+    got = rank_of_code(unpack(pk[:, :, offset : offset + s], bits, d).long(), bits)
+    want = rank_of_code(unpack(rp, bits, d).long(), bits)
     diff = (got - want).abs()
     assert diff.max() <= 1, "an index is off by more than one"
     bound = _MAX_MISMATCH if dtype == torch.float32 else _MAX_MISMATCH_HALF
@@ -92,7 +94,7 @@ def test_half_rotation_mismatches_are_near_boundaries(device, dtype):
     nr = torch.zeros(b, h, s, device=device, dtype=torch.bfloat16)
     tq_compress(x, mean, c.rotation, c.k_boundaries, bits, pk, nr, 0)
     rp, _ = compress_reference(x, mean, c.rotation, c.k_boundaries, bits)
-    diff = unpack(pk, bits, d).int() - unpack(rp, bits, d).int()
+    diff = rank_of_code(unpack(pk, bits, d).long(), bits) - rank_of_code(unpack(rp, bits, d).long(), bits)
     assert diff.abs().max() <= 1
     assert diff.ne(0).float().mean() < 1e-2
     r = x.float() - mean.unsqueeze(-2)
@@ -276,14 +278,15 @@ def _cell_quantize(y: torch.Tensor, plan) -> torch.Tensor:
     cell = ((t + 12582912.0) - 12582912.0).to(torch.int64)  # round to nearest even, as add.rn then the low bits
     raw = torch.tensor(entries, dtype=torch.int64)[cell]
     bound = raw.to(torch.int32).view(torch.float32)
-    return (raw & 15) + (y > bound).to(torch.int64)
+    return torch.where(y > bound, raw >> 4, raw) & 15  # the code of the cell's rank or of the next one
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_cell_table_quantizer_matches_bucketize(bits, d):
-    """The GPU cell-table quantizer's plan, emulated: the same index as torch.bucketize except within ~1e-6 of a
-    boundary (the packed boundary moves by < 16 ulp), on random, near-boundary and far-out values."""
+    """The GPU cell-table quantizer's plan, emulated: the code of torch.bucketize's rank except within ~3e-5 of a
+    boundary (the packed boundary moves by < 256 ulp), and there a neighbouring rank's, on random, near-boundary
+    and far-out values."""
     from turboquant_vllm.layout import Codecs, KVLayout
 
     bnd = Codecs.build(KVLayout(d, bits, bits)).k_boundaries.float()
@@ -299,11 +302,13 @@ def test_cell_table_quantizer_matches_bucketize(bits, d):
         ]
     )
     want = torch.bucketize(y, bnd)
-    got = _cell_quantize(y, plan)
+    got = rank_of_code(_cell_quantize(y, plan), bits)
     diff = got != want
-    near = ((y[:, None] - bnd[None, :]).abs() <= 1e-5 * bnd.abs().clamp_min(1e-3)).any(-1)
+    near = ((y[:, None] - bnd[None, :]).abs() <= 4e-5 * bnd.abs().clamp_min(1e-3)).any(-1)
     assert not (diff & ~near).any(), "a mismatch away from every boundary"
-    assert diff.float().mean() < 1e-4
+    # rare: < 1e-4 of random coordinates (measured 1.5e-5 - 4e-5), < 1e-3 with 2000 samples per boundary within
+    # ~1e-3 of it (measured 4e-4)
+    assert diff.float().mean() < 1e-3 and diff[:200_000].float().mean() < 1e-4
     assert ((got - want).abs() <= 1).all()
 
 

@@ -12,6 +12,26 @@ import torch.nn.functional as F
 from .packing import pack, unpack
 
 
+def code_of_rank(rank: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored code of each centroid rank (0 = the most negative centroid of the sorted, zero-symmetric codebook):
+    the top bit is the sign (1 = negative), the bits below the rank of the magnitude, so code c and c + 2**(bits-1)
+    are +m and -m. Ranks >= 2**(bits-1) map to rank - 2**(bits-1), the others to 2**bits - 1 - rank."""
+    half = 1 << (bits - 1)
+    return torch.where(rank >= half, rank - half, 2 * half - 1 - rank)
+
+
+def rank_of_code(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of code_of_rank: the rank in the increasing codebook of each stored code."""
+    half = 1 << (bits - 1)
+    return torch.where(code < half, half + code, 2 * half - 1 - code)
+
+
+def centroids_by_code(sorted_centroids: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codebook indexed by stored code (code_of_rank): [+m_0, ..., +m_(h-1), -m_0, ..., -m_(h-1)], h =
+    2**(bits-1), from the increasing centroids of a zero-symmetric codebook."""
+    return sorted_centroids[rank_of_code(torch.arange(1 << bits, device=sorted_centroids.device), bits)]
+
+
 def compress_reference(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -20,11 +40,12 @@ def compress_reference(
     bits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, S, d] (any float dtype), mean float32 [B, H, d] -> (packed uint8 [B, H, S, d*bits/8],
-    norms float32 [B, H, S]). Indices are bucketize(Pi (x - mean) / ||x - mean||, boundaries)."""
+    norms float32 [B, H, S]). Codes are code_of_rank(bucketize(Pi (x - mean) / ||x - mean||, boundaries))
+    (boundaries increasing); dequantize with the codebook in code order (centroids_by_code)."""
     r = x.float() - mean.float().unsqueeze(-2)
     norms = torch.linalg.vector_norm(r, dim=-1)
     unit = r / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    idx = torch.bucketize(unit @ rotation.T, boundaries)
+    idx = code_of_rank(torch.bucketize(unit @ rotation.T, boundaries), bits)
     return pack(idx, bits), norms
 
 
@@ -36,7 +57,8 @@ def dequantize_reference(
     centroids: torch.Tensor,
     bits: int,
 ) -> torch.Tensor:
-    """packed uint8 [B, H, N, d*bits/8], norms [B, H, N], mean [B, H, d] -> float32 [B, H, N, d]."""
+    """packed uint8 [B, H, N, d*bits/8], norms [B, H, N], mean [B, H, d], centroids [2**bits] in code order
+    (centroids_by_code) -> float32 [B, H, N, d]."""
     d = rotation.shape[0]
     idx = unpack(packed, bits, d).long()
     return mean.float().unsqueeze(-2) + norms.float().unsqueeze(-1) * (centroids[idx] @ rotation)

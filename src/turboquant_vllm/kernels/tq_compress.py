@@ -4,15 +4,15 @@
 ``tq_compress(x, mean, rotation, boundaries, bits, out_packed, out_norms, offset)`` writes tokens
 ``x[:, :, s]`` into positions ``offset + s`` of ``out_packed`` / ``out_norms`` in one pass per tile of
 BLOCK_S tokens: subtract the mean, take the norm, divide, rotate (``tl.dot`` with ``Pi^T``), quantize
-(index = number of boundaries < y, i.e. ``torch.bucketize``), and pack per the plane layout of core/packing.py
-(docs/LAYOUT.md).
+(rank = number of boundaries < y, i.e. ``torch.bucketize``; the stored code is its sign-magnitude relabelling,
+``core.kvcodec.code_of_rank``), and pack per the plane layout of core/packing.py (docs/LAYOUT.md).
 
 Quantizer. On the GPU, for <= 4 bits and 16-bit inputs: a cell table held in the lanes of each warp (built from
-immediates, ``_cell_table_asm``): y's cell on a uniform 32-cell grid picks, by one warp shuffle, the count of
-boundaries below the cell and the one boundary inside it; one compare finishes (~9 instructions per element
+immediates, ``_cell_table_asm``): y's cell on a uniform 32-cell grid picks, by one warp shuffle, the codes of
+the two ranks the cell can give and the one boundary inside it; one compare chooses (~9 instructions per element
 against ~16 for a binary search; the kernel was bound by integer / select issue: 31% -> 51-55% of copy bandwidth
-on the H100). The packed boundary moves by < 16 ulp, so an index can differ from bucketize's within ~1e-6 of a
-boundary (2.4e-6 of the bytes on random data, far inside the fp16 rotation's own ~1e-3). Elsewhere (float32
+on the H100). The packed boundary moves by < 256 ulp, so an index can differ from bucketize's within ~3e-5 of a
+boundary (far inside the fp16 rotation's own ~1e-4). Elsewhere (float32
 inputs, > 4 bits, the interpreter, during a CUDA-graph capture of a boundaries tensor never seen before): a
 branch-free binary search over the boundaries held as scalars (<= 4 bits) or gathered (above).
 
@@ -69,8 +69,16 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @triton.jit
+def _code_of_rank(rank, BITS: tl.constexpr):
+    """The stored code of a centroid rank (core.kvcodec.code_of_rank): sign on the top bit, magnitude rank below."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    return tl.where(rank >= HALF, rank - HALF, 2 * HALF - 1 - rank)
+
+
+@triton.jit
 def _quantize(y, bnd_ptr, BITS: tl.constexpr, QASM: tl.constexpr = ""):
-    """Number of the 2**BITS - 1 sorted boundaries < y (torch.bucketize), int32.
+    """The stored code of y (int32): core.kvcodec.code_of_rank of the number of the 2**BITS - 1 sorted boundaries
+    < y (torch.bucketize's rank).
 
     QASM (GPU, BITS <= 4; built by _cell_table_asm): a cell table in the lanes of a warp. y's cell on a uniform
     grid of 32 cells (one FMA, a clamp, a round) selects by one warp shuffle the number of boundaries below the
@@ -82,9 +90,17 @@ def _quantize(y, bnd_ptr, BITS: tl.constexpr, QASM: tl.constexpr = ""):
     Larger BITS: a binary search whose thresholds are gathered (BITS loads and compares per element; the
     linear count it replaces unrolled 255 compares at 8 bits, minutes of compilation on sm_90).
     """
-    if QASM != "":
-        idx = tl.inline_asm_elementwise(QASM, "=r,f", [y], dtype=tl.int32, is_pure=True, pack=1)
-    elif BITS == 1:
+    if QASM != "":  # the asm returns the code
+        code = tl.inline_asm_elementwise(QASM, "=r,f", [y], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        code = _code_of_rank(_rank(y, bnd_ptr, BITS), BITS)
+    return code
+
+
+@triton.jit
+def _rank(y, bnd_ptr, BITS: tl.constexpr):
+    """Number of the 2**BITS - 1 sorted boundaries < y (torch.bucketize), int32: _quantize's search."""
+    if BITS == 1:
         idx = (y > tl.load(bnd_ptr)).to(tl.int32)
     elif BITS == 2:
         p1 = y > tl.load(bnd_ptr + 1)
@@ -300,8 +316,10 @@ def _cell_plan(bounds: list[float]) -> tuple[float, float, list[int]] | None:
     cell from its cell's edges (so a y whose cell rounds to a neighbour lies on the same side of every
     boundary, where a cell spans many float32 steps; in clusters a few ulp wide the index stays within those
     ulp of bucketize's). None for non-finite bounds or a grid whose constants overflow float32. Entry c: the
-    float32 bits of the boundary in cell c (3e38 when none) with the low 4 bits replaced by the number of
-    boundaries below cell c (moves the boundary by < 16 ulp, ~1e-6 relative)."""
+    float32 bits of the boundary in cell c (3e38 when none) with the low 8 bits replaced by the stored codes
+    (kvcodec.code_of_rank) of the two ranks the cell can give: the number of boundaries below it (bits 0-3) and
+    one more (bits 4-7). The boundary moves by < 256 ulp (< 3.1e-5 relative; fp16 inputs' rotation error is
+    ~1e-4)."""
     n = len(bounds)
     if not 1 <= n <= 15 or not all(map(math.isfinite, bounds)):
         return None
@@ -326,17 +344,20 @@ def _cell_plan(bounds: list[float]) -> tuple[float, float, list[int]] | None:
     _, w, lo, cells = best
     if not (abs(1.0 / w) < 1e38 and abs(lo / w) < 1e38):  # the grid's constants must be float32 numbers
         return None
+    half = (n + 1) // 2
+    code = [r - half if r >= half else 2 * half - 1 - r for r in range(n + 1)]  # kvcodec.code_of_rank
     entries = []
     for c in range(_CELLS):
         below = sum(1 for x in cells if x < c)
         inside = [bounds[i] for i, x in enumerate(cells) if x == c]
         raw = struct.unpack("<I", struct.pack("<f", inside[0] if inside else 3.0e38))[0]
-        entries.append((raw & ~15) | below)
+        entries.append((raw & ~255) | code[below] | code[min(below + 1, n)] << 4)
     return 1.0 / w, -lo / w - 0.5, entries
 
 
 def _cell_table_asm(bounds: list[float]) -> str:
-    """PTX for _quantize's QASM: $0 (int32) = number of `bounds` < $1 (float32); "" where no grid fits."""
+    """PTX for _quantize's QASM: $0 (int32) = the code (core.kvcodec.code_of_rank) of the number of `bounds` < $1
+    (float32); "" where no grid fits."""
     plan = _cell_plan(bounds)
     if plan is None:
         return ""
@@ -354,8 +375,8 @@ def _cell_table_asm(bounds: list[float]) -> str:
         "shfl.sync.idx.b32 tqr, tqt, tqr, 0x1f, -1;",  # lane = low 5 bits
         "mov.b32 tqf, tqr;",
         "setp.gt.f32 tqp, $1, tqf;",
+        "@tqp shr.u32 tqr, tqr, 4;",  # above the cell's boundary: the next rank's code
         "and.b32 $0, tqr, 15;",
-        "@tqp add.s32 $0, $0, 1;",
         "}",
     ]
     return " ".join(ops)
