@@ -54,7 +54,7 @@ Pipeline: 3 launches for any call, decode included.
        values, and shared memory carries ~1 wavefront per token per head instead of ~18. 4-bit codes with a
        symmetric codebook (Lloyd-Max's), head_dim <= 128, take GATHER 3 instead: one unary inline-asm block per
        two units returns all eight sub-tiles' fp16x2 operand registers from byte permutes, no shuffle
-       (_permute_asm; 16 x 32K 8% faster on the H100, the same outputs bit for bit). Taken for every
+       (_permute_asm; 16 x 32K 15% faster on the H100, the same outputs bit for bit). Taken for every
        decode-sized row block (<= 16 rows) in 16-bit (``_use_subtile``, tiles from ``_decode_config``;
        benchmarks/RESULTS.md has the measurements).
   2. ``_tq_reduce_kernel`` grid (row tiles, column blocks): merges the NS partials of each output row with
