@@ -269,7 +269,8 @@ class CompressedDynamicCache(_CompressedCacheMixin):
 
     @property
     def centroids(self) -> torch.Tensor:
-        """Key codebook centroids, float32 [2**k_bits] (values: `v_centroids`)."""
+        """Key codebook centroids, float32 [2**k_bits], indexed by stored code (sign-magnitude order,
+        core.kvcodec.centroids_by_code; values: `v_centroids`)."""
         return self.codecs.k_centroids
 
     @property

@@ -1332,7 +1332,7 @@ def _permute_asm(values: list[float], dtype: torch.dtype) -> str:
     8 * (T % 4) + 4 * (T // 4)) and returns the eight sub-tiles' values, $T = values[code T of $8] in the low half
     and values[code T of $9] in the high half: the MMA operand's register. A code's low 3 bits index its
     magnitude, its bit 3 is the sign: byte permutes (prmt) look the magnitudes' low and high bytes up in two
-    8-byte tables, four codes per prmt, and the sign bits are moved into the high bytes: ~2.2 instructions per
+    8-byte tables, four codes per prmt, and the sign bits are moved into the high bytes: ~2 instructions per
     code, no shuffle (16 x 32K decode 15% faster than GATHER 2 on the H100, same outputs). Each table's second
     word is an immediate; its first is `imm | (popc(%laneid) >> 6)` (= imm): ptxas cannot prove that value
     uniform, so it keeps it in a register for the whole loop instead of copying an immediate from a uniform
