@@ -1203,6 +1203,9 @@ PERMUTE_GATHER = os.environ.get("TQ_PERMUTE", "1") != "0"
 SUBTILE_DECODE = True  # decode (<= 16 query rows per program): the sub-tile path with one warp per program
 DECODE_CONFIG: tuple[int, int, int] | None = None  # (BLOCK_N, num_warps, num_stages) override of the sub-tile path
 DECODE_MAXNREG: int | None = None  # register cap of the sub-tile path (None: the compiler's choice, measured best)
+# query rotation: (rows, columns, K step) per program, warps. The whole K in one step (one round of loads):
+# 2.9 vs 4.6 us at B = 1 (1 x 128K call 73.7 vs 75.2 us, 1 x 4K 13.8 vs 14.2; H100 2026-11-26, qrot_tile_sweep)
+_QROT_TILE = (64, 32, 128, 4)
 _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough loads in flight
 # Decode's three kernels as programmatic dependent launches (sm_90+, the sub-tile path, light grids): each
 # kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before its first
@@ -1556,7 +1559,7 @@ def _call_key(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, bloc
         _codebook_key(codecs, query.dtype),
         n_comp, max_tokens, causal, causal_comp, scale, num_kv_splits, paged,
         SHUFFLE_GATHER, PERMUTE_GATHER, SUBTILE_DECODE, DECODE_CONFIG, DECODE_MAXNREG, PDL, _DECODE_RESIDENT,
-        _MIN_CHUNK, _SPLIT_OVERHEAD, _MAX_SPLITS,
+        _MIN_CHUNK, _SPLIT_OVERHEAD, _MAX_SPLITS, _QROT_TILE,
     )  # fmt: skip
     for role, t in (("ke", key_exact), ("ve", value_exact), ("mask", mask), ("bt", block_table), ("sl", seq_lens)):
         key += (None,) if t is None else (t.shape, t.stride(), t.dtype, ptr[role] & 15)
@@ -1642,8 +1645,8 @@ def _launch_planned(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp
     pi = codecs.rotation
     kmb = k_mean.stride(0) if k_mean.shape[0] > 1 else 0
     vmb = v_mean.stride(0) if v_mean.shape[0] > 1 else 0
-    q_block = min(max(16, next_pow2(bh * rows)), 64)
-    rot_c = hdp if interp else min(64, hdp)
+    q_block = min(max(16, next_pow2(bh * rows)), _QROT_TILE[0])
+    rot_c = hdp if interp else min(_QROT_TILE[1], hdp)
     q_grid = (_cdiv(bh * rows, q_block), hdp // rot_c, 1)
     q_args = (query, *query.stride(), pi, *pi.stride(), k_mean, kmb, k_mean.stride(1), k_mean.stride(2), qr, qm,
               bh, hkv, sq, rows, mp, scale * _LOG2E)  # fmt: skip
@@ -1651,8 +1654,8 @@ def _launch_planned(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp
         q_grid,
         q_args,
         dict(GROUP=group, HEAD_DIM=d, HEAD_DP=hdp, PREC=prec, BLOCK_M=q_block,
-             BLOCK_K=hdp if interp else min(32, hdp), BLOCK_C=rot_c, PDL=pdl),
-        num_warps=4,
+             BLOCK_K=hdp if interp else min(_QROT_TILE[2], hdp), BLOCK_C=rot_c, PDL=pdl),
+        num_warps=_QROT_TILE[3],
         **pdl_opt,
     )  # fmt: skip
     if record is not None:
