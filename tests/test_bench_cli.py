@@ -38,20 +38,19 @@ def test_the_scripts_are_found_in_the_checkout():
     assert bench.find_script("generate") == ROOT / "benchmarks" / "generate.py"
 
 
-def test_generate_help_is_the_scripts_own(capsys):
-    assert main(["bench", "generate", "--help"]) == 0
+@pytest.mark.parametrize(
+    "name, options, text",
+    [
+        ("generate", ("--smoke", "--quick", "--json", "--out-dir", "--cases"), "turboquant-vllm bench generate"),
+        ("attention", ("--quick", "--json", "--out-dir", "--plot", "--plot-from"), "% of bandwidth"),
+    ],
+)
+def test_help_is_the_scripts_own(capsys, name, options, text):
+    assert main(["bench", name, "--help"]) == 0
     out = capsys.readouterr().out
-    for opt in ("--smoke", "--quick", "--json", "--out-dir", "--cases"):
+    for opt in options:
         assert opt in out
-    assert "turboquant-vllm bench generate" in out
-
-
-def test_attention_help_is_the_scripts_own(capsys):
-    assert main(["bench", "attention", "--help"]) == 0
-    out = capsys.readouterr().out
-    for opt in ("--quick", "--json", "--out-dir", "--plot", "--plot-from"):
-        assert opt in out
-    assert "% of bandwidth" in out
+    assert text in out
 
 
 def test_bad_option_is_a_usage_error(capsys):

@@ -1287,6 +1287,12 @@ def _codebooks(codecs: Codecs, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return _per_codecs("tables", codecs, dtype, build)
 
 
+def _bit_patterns(values: list[float], dtype: torch.dtype) -> list[int]:
+    """The values rounded to `dtype` (2 or 4 bytes), as unsigned integers of their bits."""
+    raw = torch.tensor(values, dtype=torch.float32).to(dtype).view(torch.int16 if dtype.itemsize == 2 else torch.int32)
+    return [b & (0xFFFF if dtype.itemsize == 2 else 0xFFFFFFFF) for b in raw.tolist()]
+
+
 def _table_asm(values: list[float], dtype: torch.dtype) -> str:
     """PTX of GATHER 2: $0 = values[$1 mod 32 mod len] in `dtype` (len = 2**bits <= 32).
 
@@ -1295,9 +1301,7 @@ def _table_asm(values: list[float], dtype: torch.dtype) -> str:
     reads lane $1 (its low 5 bits; higher bits are ignored, lower-width tables are replicated across lanes).
     """
     n = len(values)
-    t = torch.tensor(values, dtype=torch.float32).to(dtype)
-    raw = t.view(torch.int16 if dtype.itemsize == 2 else torch.int32).tolist()
-    bits = [f"0x{b & (0xFFFF if dtype.itemsize == 2 else 0xFFFFFFFF):08X}" for b in raw]  # bit patterns, hex
+    bits = [f"0x{b:08X}" for b in _bit_patterns(values, dtype)]
     ops = ["{", ".reg .b32 tql, tqt, tqr;", ".reg .pred tqp;", "mov.u32 tql, %laneid;"]
     ops += [f"and.b32 tql, tql, {n - 1};", f"mov.b32 tqt, {bits[0]};"]
     for i in range(1, n):
@@ -1316,7 +1320,7 @@ def _permute_words(values: list[float], dtype: torch.dtype) -> tuple[int, int, i
     high bytes likewise."""
     if len(values) != 16 or dtype.itemsize != 2:
         return None
-    bits = [b & 0xFFFF for b in torch.tensor(values, dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
+    bits = _bit_patterns(values, dtype)
     mags = bits[:8]
     if any(m & 0x8000 for m in mags) or any(bits[8 + j] != mags[j] | 0x8000 for j in range(8)):
         return None
@@ -1368,10 +1372,11 @@ def _table_asms(codecs: Codecs, dtype: torch.dtype) -> tuple[str, str, str, str]
     (Codecs, dtype) (one device-to-host copy, at first use)."""
 
     def build(codecs, dtype):
-        k = _table_asm(codecs.k_centroids.cpu().tolist(), dtype) if codecs.layout.k_bits <= 5 else ""
-        v = _table_asm(codecs.v_centroids.cpu().tolist(), dtype) if codecs.layout.v_bits <= 5 else ""
-        k3 = _permute_asm(codecs.k_centroids.cpu().tolist(), dtype) if codecs.layout.k_bits == 4 else ""
-        v3 = _permute_asm(codecs.v_centroids.cpu().tolist(), dtype) if codecs.layout.v_bits == 4 else ""
+        kv, vv = codecs.k_centroids.cpu().tolist(), codecs.v_centroids.cpu().tolist()
+        k = _table_asm(kv, dtype) if codecs.layout.k_bits <= 5 else ""
+        v = _table_asm(vv, dtype) if codecs.layout.v_bits <= 5 else ""
+        k3 = _permute_asm(kv, dtype) if codecs.layout.k_bits == 4 else ""
+        v3 = _permute_asm(vv, dtype) if codecs.layout.v_bits == 4 else ""
         return k, v, k3, v3
 
     return _per_codecs("asm", codecs, dtype, build)

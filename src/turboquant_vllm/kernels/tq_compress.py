@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..core.codebook import check_bits
-from ..core.kvcodec import compress_reference
+from ..core.kvcodec import code_of_rank, compress_reference
 from ..layout import NORM_DTYPE
 from ._common import FLOAT_DTYPES, check_tensor, interpreting, next_pow2, use_triton, version_of
 from ._launch import Launcher, Replay, fast_launch_enabled
@@ -344,8 +344,7 @@ def _cell_plan(bounds: list[float]) -> tuple[float, float, list[int]] | None:
     _, w, lo, cells = best
     if not (abs(1.0 / w) < 1e38 and abs(lo / w) < 1e38):  # the grid's constants must be float32 numbers
         return None
-    half = (n + 1) // 2
-    code = [r - half if r >= half else 2 * half - 1 - r for r in range(n + 1)]  # kvcodec.code_of_rank
+    code = code_of_rank(torch.arange(n + 1), n.bit_length()).tolist()  # n + 1 = 2**bits levels
     entries = []
     for c in range(_CELLS):
         below = sum(1 for x in cells if x < c)
