@@ -664,3 +664,20 @@ def test_reduce_one_round_and_looped_agree(device, monkeypatch, one_round):
     assert err < 1e-4
     err = _run_dense(device, b, hq, hkv, 2, nc, 40, d, 3, 4, True, F32, num_kv_splits=3)  # several exact splits
     assert err < 1e-4
+
+
+@pytest.mark.parametrize("tiles", [(64, 16, 1), (32, 32, 2), (128, 32, 4)])
+def test_reduce_gpu_tiles(device, monkeypatch, tiles):
+    """The one-row-a-program tilings the GPU picks at B = 1 (K step, column block, warps: several column programs
+    per row, K in steps) merge and rotate back like the interpreter's whole-row plan; head_dim 96 leaves a
+    partial column block and padded K."""
+    plan = tqa._reduce_plan
+    block_k, block_c, warps = tiles
+
+    def forced(ns_c, ns, out_rows, hdp, interp):
+        _, nsb, _, _, _, one, nse = plan(ns_c, ns, out_rows, hdp, interp)
+        return 1, nsb, min(block_k, hdp), min(block_c, hdp), warps, one, nse
+
+    monkeypatch.setattr(tqa, "_reduce_plan", forced)
+    err = _run_dense(device, 1, 8, 2, 1, 90, 1, 96, 4, 4, False, F32, num_kv_splits=6)
+    assert err < 1e-4

@@ -1211,6 +1211,7 @@ _DECODE_RESIDENT = 8  # one-warp programs an SM needs resident to keep enough lo
 # kernel's launch and start overlap the end of the one before; each waits (griddepcontrol.wait) before its first
 # load. TQ_PDL=0: off.
 PDL = os.environ.get("TQ_PDL", "1") != "0"
+_PDL_MAX_ROWS = 32  # PDL on a full wave only for at most this many (row block, b, kv head) rows (_launch_planned)
 # A call planned once is replayed from its _CallPlan by the next call with the same key (_call_key): the other
 # layers of a decode step. PLAN_REUSE = False: every call plans (tests compare the two).
 PLAN_REUSE = True
@@ -1461,10 +1462,20 @@ def _reduce_plan(ns_c: int, ns: int, out_rows: int, hdp: int, interp: bool):
     block_r = max(1, min(8192 // (ns_block * hdp), by_rows))
     # fewer rows: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C] for the back-rotation, kept small
     block_r = min(block_r, 4096 // (block_k * block_c))
-    # one row a program (B = 1 decode, many splits): 4 warps (1 x 128K: 4.6 vs 7.6 us with 8, H100 2026-11-26)
+    one_round = fits and block_r * ns_block * hdp <= 16384
+    if block_r == 1 and one_round:
+        # one row a program (B = 1 decode): warps and tiles grow with the partials, ~128 floats of them a thread.
+        # Graph-replay medians of the whole call, H100 2026-11-26 (reduce_tiling_b1): 32 splits (1 x 4K) 1 warp,
+        # 16 columns: 10.9 vs 12.8 us with 4 warps and 64; 64 splits (1 x 8K) 2 warps, 32 columns: 12.8 vs 14.0;
+        # 128 splits (1 x 16K - 128K) 4 warps, 32 columns, the whole K at once: 17.9 vs 18.2, 69.9 vs 70.9
+        warps = min(4, max(1, ns_block * hdp // 4096))
+        block_c = min(hdp, 16 * warps if warps < 4 else 32)
+        block_k = min(hdp, 64 if warps < 4 else 128)
+        return 1, ns_block, block_k, block_c, warps, True, nse_block
+    # several rows a program: 8 warps from 8K partials (one row: 4; 1 x 128K 4.6 vs 7.6 us with 8, H100 2026-11-26)
     warps = 8 if block_r * ns_block * hdp >= 8192 and block_r > 1 else 4
     # one round: every partial of the block in registers at once (<= 16K floats: ~64 registers a thread at 8 warps)
-    return block_r, ns_block, block_k, block_c, warps, fits and block_r * ns_block * hdp <= 16384, nse_block
+    return block_r, ns_block, block_k, block_c, warps, one_round, nse_block
 
 
 def _decode_config(hdp: int, rows: int, k_bits: int = 4, v_bits: int = 4) -> tuple[int, int, int]:
@@ -1563,8 +1574,8 @@ def _call_key(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp, bloc
         codecs.layout, codecs.rotation.stride(), codecs.rotation.dtype, ptr["pi"] & 15,
         _codebook_key(codecs, query.dtype),
         n_comp, max_tokens, causal, causal_comp, scale, num_kv_splits, paged,
-        SHUFFLE_GATHER, PERMUTE_GATHER, SUBTILE_DECODE, DECODE_CONFIG, DECODE_MAXNREG, PDL, _DECODE_RESIDENT,
-        _MIN_CHUNK, _SPLIT_OVERHEAD, _MAX_SPLITS, _QROT_TILE,
+        SHUFFLE_GATHER, PERMUTE_GATHER, SUBTILE_DECODE, DECODE_CONFIG, DECODE_MAXNREG, PDL, _PDL_MAX_ROWS,
+        _DECODE_RESIDENT, _MIN_CHUNK, _SPLIT_OVERHEAD, _MAX_SPLITS, _QROT_TILE,
     )  # fmt: skip
     for role, t in (("ke", key_exact), ("ve", value_exact), ("mask", mask), ("bt", block_table), ("sl", seq_lens)):
         key += (None,) if t is None else (t.shape, t.stride(), t.dtype, ptr[role] & 15)
@@ -1633,10 +1644,14 @@ def _launch_planned(query, paged, kp, kn, vp, vn, k_mean, v_mean, codecs, n_comp
     resident = _DECODE_RESIDENT if subtile and not interp else 2
     chunk, ns_c, ns_e = _splits(bh * m_blocks, max_tokens, se, num_kv_splits, dev, interp, block_m, resident)
     ns = ns_c + ns_e
-    # PDL only for light grids (<= 2 programs per SM; latency-bound calls): measured there 1 x 4K 16.0 -> 14.6 us,
-    # 1 x 32K 21.3 -> 20.3 (head_dim 64). On a full wave it cost up to 36% (16 x 32K, head_dim 64, 1024 programs:
-    # 167 -> 227 us on the H100): the early-launched programs appear to land unevenly across the SMs.
-    pdl = PDL and subtile and not interp and _pdl_on(dev) and m_blocks * bh * ns <= 2 * _num_sms(dev.index or 0)
+    # PDL for light grids (<= 2 programs per SM; latency-bound calls: 1 x 4K 16.0 -> 14.6 us) and for full waves
+    # of few (b, kv head) rows (B * Hkv <= 32, i.e. many splits: 1 x 128K 71.2 -> 70.2 us, 1 x 32K 26.8 -> 25.8,
+    # 4 x 32K 75.2 -> 73.3, head_dim 64 alike). Not for full waves of many rows: head_dim 64 with B * Hkv >= 64
+    # (1024 programs of 8 or 16 splits) ran 26-39% slower (16 x 32K 163.6 -> 227.7 us, H100 2026-11-26); the
+    # early-launched programs appear to land unevenly across the SMs. Leaving the attention kernel as a plain
+    # launch there and only the rotation and the reduction as dependent launches gained nothing.
+    pdl = PDL and subtile and not interp and _pdl_on(dev)
+    pdl = pdl and (m_blocks * bh * ns <= 2 * _num_sms(dev.index or 0) or m_blocks * bh <= _PDL_MAX_ROWS)
     pdl_opt = {"launch_pdl": True} if pdl else {}
     if bh > _MAX_GRID_YZ or ns > _MAX_GRID_YZ:
         raise ValueError(f"B * Hkv ({bh}) and the KV split count ({ns}) must be <= {_MAX_GRID_YZ} (CUDA grid limit)")
