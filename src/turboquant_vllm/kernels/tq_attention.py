@@ -1463,11 +1463,12 @@ def _reduce_plan(ns_c: int, ns: int, out_rows: int, hdp: int, interp: bool):
     # fewer rows: a broadcast product [BLOCK_R, BLOCK_K, BLOCK_C] for the back-rotation, kept small
     block_r = min(block_r, 4096 // (block_k * block_c))
     one_round = fits and block_r * ns_block * hdp <= 16384
-    if block_r == 1 and one_round:
+    if block_r == 1 and one_round and hdp <= 128:
         # one row a program (B = 1 decode): warps and tiles grow with the partials, ~128 floats of them a thread.
         # Graph-replay medians of the whole call, H100 2026-11-26 (reduce_tiling_b1): 32 splits (1 x 4K) 1 warp,
         # 16 columns: 10.9 vs 12.8 us with 4 warps and 64; 64 splits (1 x 8K) 2 warps, 32 columns: 12.8 vs 14.0;
-        # 128 splits (1 x 16K - 128K) 4 warps, 32 columns, the whole K at once: 17.9 vs 18.2, 69.9 vs 70.9
+        # 128 splits (1 x 16K - 128K) 4 warps, 32 columns, the whole K at once: 17.9 vs 18.2, 69.9 vs 70.9.
+        # Not head_dim 256: 1 x 8K there took 33.3 us this way against 29.2 (b1_reduce_pdl_ab)
         warps = min(4, max(1, ns_block * hdp // 4096))
         block_c = min(hdp, 16 * warps if warps < 4 else 32)
         block_k = min(hdp, 64 if warps < 4 else 128)
