@@ -327,3 +327,24 @@ def test_bad_inputs_raise(case, device):
     q, k, v = kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value")
     with pytest.raises(exc, match=name):
         flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("scale", [-0.2, 0.0], ids=str)
+def test_nonpositive_scale(scale, device):
+    """A scale <= 0 takes the scaled-scores form (the unscaled form takes the row max before scaling)."""
+    q, k, v = _qkv(2, 4, 2, 9, 21, 64, torch.float32, device)
+    out = flash_attention(q, k, v, causal=True, scale=scale)
+    _check(out, attention_reference(q, k, v, None, causal=True, scale=scale), torch.float32, f"scale {scale}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_raw_scores_form_agrees(dtype, device, monkeypatch):
+    """The fused multiply-add form of the softmax (unscaled scores) and the scaled form give the same output."""
+    q, k, v = _qkv(1, 4, 2, 33, 40, 64, dtype, device)
+    mask = torch.rand(1, 1, 33, 40, device=device) > 0.2
+    outs = []
+    for raw in (True, False):
+        monkeypatch.setattr(fa_mod, "RAW_SCORES", raw)
+        outs.append(flash_attention(q, k, v, attention_mask=mask, causal=True).float())
+    assert not torch.isnan(outs[0]).any()
+    assert rel_err(outs[0], outs[1]) <= TOL[dtype] / 4
