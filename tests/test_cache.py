@@ -175,6 +175,44 @@ def test_window_keeps_recent_tokens_exact_and_crop_through_it():
     assert layer.get_seq_length() == 8 and layer.exact_keys.shape[-2] == 2
 
 
+def test_compress_every_batches_the_same_codes():
+    """Tokens leaving the window are compressed in batches of compress_every, into the codes compress_every = 1
+    gives them; until then they stay exact and update() returns them as they came."""
+    from turboquant_vllm.cache.layer import TurboQuantSettings
+
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 2, 14, 64), torch.randn(2, 2, 14, 64)
+    one = CompressedLayer(64, TurboQuantSettings(window=2, sinks=1))
+    batched = CompressedLayer(64, TurboQuantSettings(window=2, sinks=1, compress_every=3))
+    one.update(k[:, :, :5], v[:, :, :5])
+    keys, _ = batched.update(k[:, :, :5], v[:, :, :5])
+    assert batched.num_compressed == 0 and torch.equal(keys, k[:, :, :5])  # overflow 2 < 3: all exact
+    flushes = 0
+    for t in range(5, 14):
+        one.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        keys, values = batched.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        n, exact = batched.num_compressed, batched.exact_keys.shape[-2]
+        assert n + exact == t + 1 and 1 + 2 <= exact <= 1 + 2 + 2
+        assert keys.shape[-2] == t + 1  # sequence order: [sink, compressed before this step, exact rest]
+        seen = batched.attend_compressed
+        torch.testing.assert_close(keys[:, :, 1 + seen :], k[:, :, 1 + seen : t + 1], rtol=0, atol=0)
+        torch.testing.assert_close(values[:, :, :1], v[:, :, :1], rtol=0, atol=0)
+        if n == one.num_compressed:
+            flushes += 1
+            assert torch.equal(batched.k_packed[:, :, :n], one.k_packed[:, :, :n])
+            assert torch.equal(batched.v_packed[:, :, :n], one.v_packed[:, :, :n])
+            assert torch.equal(batched.norms[:, :, :n], one.norms[:, :, :n])
+        else:
+            assert n < one.num_compressed
+    assert flushes == 3  # steps 5, 8 and 11 compress 3 tokens each
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_compress_every_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="compress_every"):
+        TurboQuantCache(tiny_llama().config, bits=4, compress_every=bad)
+
+
 def test_cache_crop_used_by_assisted_decoding():
     model = tiny_llama()
     cache, compressed = documented_cache(model, 64, bits=4)

@@ -271,6 +271,31 @@ def test_fused_unfused_and_simulation_agree_with_sinks_window_padding_and_chunks
     assert rel_err(fused, exact) > 1e-4  # it is compressed
 
 
+def test_fused_and_unfused_agree_with_batched_compression():
+    """compress_every = 4 with sinks, a window and prefill chunks of 3 (shorter than a batch): fused (interpreted
+    Triton) and unfused attention agree, and compressing in batches changes the output only a little."""
+    model = tiny_llama()
+    ids, mask = left_padded_batch(lengths=(17, 12))
+
+    def run(fused, every):
+        cache = TurboQuantCache(model.config, k_bits=4, v_bits=3, window=3, sinks=6, compress_every=every)
+        if fused:
+            install_fused_tq4_kv(model, cache)
+        try:
+            return decode_logits(model, ids, cache, attention_mask=mask, prefill=4, chunk=3), cache
+        finally:
+            uninstall_fused_tq4_kv(model)
+
+    fused, cache = run(True, 4)
+    unfused, _ = run(False, 4)
+    assert rel_err(fused, unfused) < 1e-4
+    layer = cache.layers[0]
+    assert layer.num_sinks == 6 and 6 + 3 <= layer.exact_keys.shape[-2] <= 6 + 3 + 3
+    assert layer.num_compressed + layer.exact_keys.shape[-2] == 16
+    at_once, _ = run(True, 1)
+    assert 0 < rel_err(fused, at_once) < 0.05  # more exact tokens: close to, not equal to, compress_every = 1
+
+
 def test_enable_turboquant_with_sinks_generates():
     model = tiny_llama()
     ids, mask = left_padded_batch(lengths=(5, 4))

@@ -186,7 +186,7 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
         window: recent tokens kept in full precision. sinks: first tokens kept in full precision (attention
             sinks; with left padding, the first cache positions). skip_layers: layer indices kept exact.
         layer_bits: {layer index: (k_bits, v_bits)} for layers that need other widths (e.g. the first/last).
-        seed, rotation, center_keys, center_values, validate: see TurboQuantSettings.
+        seed, rotation, center_keys, center_values, validate, compress_every: see TurboQuantSettings.
     """
 
     def __init__(
@@ -205,11 +205,13 @@ class TurboQuantCache(_CompressedCacheMixin, DynamicCache):
         center_keys: bool = True,
         center_values: bool = False,
         validate: str | None = None,
+        compress_every: int = 1,
     ):
         config = getattr(config, "config", config)
         super().__init__(config=config)
         settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, window=window, sinks=sinks,
-                                center_keys=center_keys, center_values=center_values, validate=validate)  # fmt: skip
+                                center_keys=center_keys, center_values=center_values, validate=validate,
+                                compress_every=compress_every)  # fmt: skip
         self._cache = self
         self.settings = settings
         self.skip_layers = tuple(sorted(int(i) for i in skip_layers))
@@ -232,7 +234,8 @@ class CompressedDynamicCache(_CompressedCacheMixin):
 
     By default every token is compressed (no full-precision window or sink tokens, no protected layers);
     keys are centred per head (free in bits, see TurboQuantSettings). `k_bits` / `v_bits` override `bits`;
-    `window` / `sinks` keep the newest / first tokens exact.
+    `window` / `sinks` keep the newest / first tokens exact; `compress_every` compresses in batches
+    (TurboQuantSettings).
     """
 
     def __init__(
@@ -249,10 +252,11 @@ class CompressedDynamicCache(_CompressedCacheMixin):
         rotation: str = "qr",
         center_keys: bool = True,
         validate: str | None = None,
+        compress_every: int = 1,
     ):
         check_packable_dim(head_dim)
         settings = settings_for(bits, k_bits, v_bits, seed=seed, rotation=rotation, window=window, sinks=sinks,
-                                center_keys=center_keys, validate=validate)  # fmt: skip
+                                center_keys=center_keys, validate=validate, compress_every=compress_every)  # fmt: skip
         self._cache = cache
         self.cache = cache
         self.settings = settings

@@ -54,6 +54,10 @@ class TurboQuantSettings:
         e.g. Qwen2).
     validate: check new K/V for NaN/Inf: "always", "prefill" (only updates of more than one token;
         avoids a host sync per decode step on GPU) or "never". Default: "always" on CPU, "prefill" on GPU.
+    compress_every: tokens that leave the window (or, without one, new tokens) are compressed once this many
+        have gathered, all in one launch (1 = at once). Up to compress_every - 1 more tokens stay exact; eager
+        decode then runs the compress kernel and trims the window once every compress_every steps
+        (host time per step, benchmarks/RESULTS.md). The codes are those of compress_every = 1.
     """
 
     k_bits: int = 4
@@ -65,6 +69,7 @@ class TurboQuantSettings:
     center_keys: bool = True
     center_values: bool = False
     validate: str | None = None
+    compress_every: int = 1
 
     def __post_init__(self):
         check_bits(self.k_bits, "k_bits")
@@ -75,6 +80,9 @@ class TurboQuantSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        ce = self.compress_every
+        if isinstance(ce, bool) or not isinstance(ce, int) or ce < 1:
+            raise ValueError(f"compress_every must be an int >= 1, got {ce!r}")
         if self.validate is not None and self.validate not in VALIDATE_MODES:
             raise ValueError(f"validate must be one of {VALIDATE_MODES} or None, got {self.validate!r}")
 
@@ -250,7 +258,7 @@ class CompressedLayer(DynamicLayer):
         self.attend_sinks = sinks_before
         ns = self.num_sinks = sinks_before + new_sinks
         overflow = exact_k.shape[-2] - ns - self.settings.window
-        if overflow > 0:
+        if overflow >= self.settings.compress_every:  # compress_every 1: whenever a token leaves the window
             self._compress(exact_k[:, :, ns : ns + overflow], exact_v[:, :, ns : ns + overflow])
             if ns:
                 self.exact_keys = torch.cat([exact_k[:, :, :ns], exact_k[:, :, ns + overflow :]], dim=-2)

@@ -235,7 +235,7 @@ def enable_turboquant(model, bits: int = 4, *, fused: bool = True, **cache_kwarg
 
     Call again for the next independent `generate()` (a fresh cache, rebound). Returns the cache.
     cache_kwargs: k_bits, v_bits, window, sinks, skip_layers, layer_bits, seed, rotation, center_keys,
-    center_values, validate.
+    center_values, validate, compress_every (e.g. 16: fewer launches a decode step, up to 15 more exact tokens).
     """
     from ..cache.dynamic import TurboQuantCache
 
