@@ -207,6 +207,60 @@ def test_compress_every_batches_the_same_codes():
     assert flushes == 3  # steps 5, 8 and 11 compress 3 tokens each
 
 
+@pytest.mark.parametrize("window,sinks", [(0, 0), (2, 1), (3, 0)])
+def test_compress_every_random_schedule_against_compress_every_one(window, sinks):
+    """Updates of 1-7 tokens (overflows larger than compress_every included) and a crop while tokens wait: the
+    batched layer holds every token once, in order, with the codes its twin (compress_every = 1) gives them."""
+    from turboquant_vllm.cache.layer import TurboQuantSettings
+
+    g = torch.Generator().manual_seed(window * 10 + sinks)
+    total = 40
+    k, v = torch.randn(2, 2, total, 64, generator=g), torch.randn(2, 2, total, 64, generator=g)
+    one = CompressedLayer(64, TurboQuantSettings(window=window, sinks=sinks))
+    batched = CompressedLayer(64, TurboQuantSettings(window=window, sinks=sinks, compress_every=3))
+    t, cropped = 0, False
+    while t < total:
+        n = min(int(torch.randint(1, 8, (1,), generator=g)), total - t)
+        one.update(k[:, :, t : t + n], v[:, :, t : t + n])
+        keys, values = batched.update(k[:, :, t : t + n], v[:, :, t : t + n])
+        t += n
+        s, seen = batched.attend_sinks, batched.attend_compressed
+        assert keys.shape[-2] == t and batched.get_seq_length() == t
+        exact_after = batched.exact_keys.shape[-2] - batched.num_sinks
+        assert exact_after <= window + 2 and (exact_after >= window or batched.num_compressed == 0)
+        past_k, past_v = batched.dequantize(seen)
+        assert torch.equal(keys[:, :, :s], k[:, :, :s]) and torch.equal(values[:, :, :s], v[:, :, :s])
+        assert torch.equal(keys[:, :, s : s + seen], past_k) and torch.equal(values[:, :, s : s + seen], past_v)
+        assert torch.equal(keys[:, :, s + seen :], k[:, :, s + seen : t])
+        nc = batched.num_compressed
+        assert nc <= one.num_compressed
+        assert torch.equal(batched.k_packed[:, :, :nc], one.k_packed[:, :, :nc])
+        assert torch.equal(batched.v_packed[:, :, :nc], one.v_packed[:, :, :nc])
+        assert torch.equal(batched.norms[:, :, :nc], one.norms[:, :, :nc])
+        mk, mv = batched.materialize()
+        ns = batched.num_sinks
+        assert mk.shape[-2] == t and torch.equal(mk[:, :, ns + nc :], k[:, :, ns + nc : t])
+        assert torch.equal(mv[:, :, :ns], v[:, :, :ns])
+        if not cropped and t > 8 and exact_after > window:  # crop while tokens wait to be compressed
+            one.crop(-2)
+            batched.crop(-2)
+            t -= 2
+            cropped = True
+            assert batched.get_seq_length() == t == one.get_seq_length()
+    assert cropped
+
+
+def test_materialize_with_only_sink_tokens():
+    from turboquant_vllm.cache.layer import TurboQuantSettings
+
+    layer = CompressedLayer(64, TurboQuantSettings(sinks=4))
+    k, v = torch.randn(1, 2, 2, 64), torch.randn(1, 2, 2, 64)
+    layer.update(k, v)
+    assert layer.k_mean is None and layer.num_compressed == 0
+    mk, mv = layer.materialize()
+    assert torch.equal(mk, k) and torch.equal(mv, v)
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
 def test_compress_every_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="compress_every"):

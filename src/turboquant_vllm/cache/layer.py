@@ -3,7 +3,8 @@
 Storage (docs/LAYOUT.md): packed indices + bfloat16 norms per token (key and value norm side by side in one
 [B, H, capacity, 2] tensor: one 4-byte word per token for the kernels), one centring mean per (batch, head),
 and one full-precision buffer `exact_keys` / `exact_values` laid out [sinks | window]: the first `sinks`
-tokens of the sequence (attention sinks, never compressed) followed by the most recent `window` tokens.
+tokens of the sequence (attention sinks, never compressed) followed by the most recent `window` tokens (and, with
+`compress_every` > 1, up to compress_every - 1 older ones waiting to be compressed together).
 No decompressed copy of the past is ever kept. In sequence order a layer holds
 
     [sink tokens (exact) | compressed tokens | window tokens (exact)]
@@ -45,7 +46,8 @@ class TurboQuantSettings:
 
     k_bits, v_bits: bits per coordinate (1..8; the fused kernels support 2, 3 and 4).
     seed: seed of the rotation. rotation: "qr" or "hadamard".
-    window: number of most recent tokens kept in full precision (0 = compress every past token).
+    window: number of most recent tokens kept in full precision (0 = compress every past token); at least that
+        many: see compress_every.
     sinks: number of first tokens of the sequence kept in full precision and never compressed
         (attention sinks; 0 = none). With left padding these are the first cache positions, padding included.
     center_keys / center_values: subtract a per-(batch, head) mean before quantizing, taken from the
@@ -55,9 +57,10 @@ class TurboQuantSettings:
     validate: check new K/V for NaN/Inf: "always", "prefill" (only updates of more than one token;
         avoids a host sync per decode step on GPU) or "never". Default: "always" on CPU, "prefill" on GPU.
     compress_every: tokens that leave the window (or, without one, new tokens) are compressed once this many
-        have gathered, all in one launch (1 = at once). Up to compress_every - 1 more tokens stay exact; eager
-        decode then runs the compress kernel and trims the window once every compress_every steps
-        (host time per step, benchmarks/RESULTS.md). The codes are those of compress_every = 1.
+        have gathered, all of them in one launch (1 = at once; an update that overflows by more compresses its
+        whole overflow). Up to compress_every - 1 more tokens stay exact; eager decode then runs the compress
+        kernel and trims the window once every compress_every steps (host time per step,
+        benchmarks/RESULTS.md). The codes are those of compress_every = 1 (bit for bit in the CPU tests).
     """
 
     k_bits: int = 4
@@ -136,7 +139,8 @@ class CompressedLayer(DynamicLayer):
     def _clear(self) -> None:
         self.k_packed = self.v_packed = self.norms = None
         self.k_mean = self.v_mean = None
-        self.exact_keys = self.exact_values = None  # full precision [sinks | window], [B, H, <= sinks + window, D]
+        # full precision [sinks | window], [B, H, <= sinks + window + compress_every - 1, D]
+        self.exact_keys = self.exact_values = None
         self.num_sinks = 0  # sink tokens held (the first num_sinks of exact_keys)
         self.num_compressed = 0
         self.attend_compressed = 0
@@ -306,6 +310,9 @@ class CompressedLayer(DynamicLayer):
 
         Only the compressed store: sink and window tokens are not in it (`materialize()` gives every token)."""
         n = self.num_compressed if length is None else length
+        if n == 0:  # nothing compressed (no means yet while a layer holds only sink tokens)
+            empty = self.exact_keys[:, :, :0]
+            return empty, self.exact_values[:, :, :0]
         c = self._codecs
         k = dequantize_reference(self.k_packed[:, :, :n], self.k_norms[:, :, :n], self.k_mean,
                                  c.rotation, c.k_centroids, self.layout.k_bits)  # fmt: skip
@@ -332,6 +339,7 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def window_keys(self) -> torch.Tensor | None:
+        """The exact tokens after the sinks: the window, and any tokens waiting to be compressed (compress_every)."""
         return None if self.exact_keys is None else self.exact_keys[:, :, self.num_sinks :]
 
     @property

@@ -104,8 +104,8 @@ def triton_fa_tq4_kv_forward(
     [sink tokens | window | new tokens]. The kernel takes the compressed tokens first and the exact
     segment after them, so the sink tokens (sequence positions [0, S)) move behind the compressed ones:
     the mask's columns are reordered to match. Bottom-right causal masking stays right: query i of Sq
-    sees exact key e iff e <= i + Se - Sq, and Se - Sq = S + window >= S, so the sinks (older than
-    every query) are always visible, as are the window and the compressed tokens.
+    sees exact key e iff e <= i + Se - Sq, and Se - Sq = S + window (+ tokens waiting to be compressed) >= S,
+    so the sinks (older than every query) are always visible, as are the window and the compressed tokens.
     """
     layer = None
     if tq_cache is not None:
