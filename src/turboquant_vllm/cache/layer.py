@@ -60,7 +60,7 @@ class TurboQuantSettings:
         have gathered, all of them in one launch (1 = at once; an update that overflows by more compresses its
         whole overflow). Up to compress_every - 1 more tokens stay exact; eager decode then runs the compress
         kernel and trims the window once every compress_every steps (host time per step,
-        benchmarks/RESULTS.md). The codes are those of compress_every = 1 (bit for bit in the CPU tests).
+        benchmarks/RESULTS.md). The codes are those of compress_every = 1 (bit for bit in the tests, CPU and GPU).
     """
 
     k_bits: int = 4
