@@ -232,6 +232,25 @@ def test_layer_bits_parse_and_errors():
         parse_setting("tq:lb=0:9/4")
 
 
+def test_compress_every_setting_parses_counts_and_reaches_the_cache():
+    from turboquant_vllm.cache.dynamic import TurboQuantCache
+
+    s = parse_setting("tq:k=4,v=3,window=64,sink=4,every=16")
+    assert s.compress_every == 16 and s.name == "tqK4V3 w64 sink4 every16"
+    assert parse_setting(s.spec) == s
+    plain = parse_setting("tq:k=4,v=3,window=64,sink=4")
+    share, share16 = 68 / 1024, (68 + 7.5) / 1024  # on average (16 - 1) / 2 tokens wait to be compressed
+    q = 32 + 24 + 4  # head_dim 64: K4 + V3 codes, two bfloat16 norms
+    assert plain.bytes_per_token_per_head(64, 1, 1024) == pytest.approx(q * (1 - share) + 256 * share)
+    assert s.bytes_per_token_per_head(64, 1, 1024) == pytest.approx(q * (1 - share16) + 256 * share16)
+    cache = s.make_cache(tiny_llama().config)
+    assert isinstance(cache, TurboQuantCache)
+    assert all(layer.settings.compress_every == 16 for layer in cache.layers)
+    for bad in ("tq:every=0", "tq:every=4,sim=1", "int:bits=4,every=4"):
+        with pytest.raises(ValueError, match="every"):
+            parse_setting(bad)
+
+
 def test_layer_bits_bytes_by_hand():
     """A layer at its own bits costs its own codes + two bfloat16 norms, with the same window/sink share."""
     d, layers, tokens = 64, 24, 512

@@ -25,11 +25,13 @@ Settings are written as `kind:opt=val,...`, e.g. `tq:k=5,v=3`, `tq:k=4,v=4,windo
 `tq:k=4,v=4,skip=0+29`, `tq:k=4,v=3,lb=0:8/4+23:6/4` (layer 0 at K8/V4 and layer 23 at K6/V4, the others at
 K4/V3: TurboQuantCache's `layer_bits`; `tq` only), `tq:cv=1` (centre values), `tq:ck=0` (no key centring),
 `tq:bits=4,sim=1` (the fake-quant simulation of TurboQuantCache: the same numbers, tests/test_quality.py checks
-it, and much faster on the CPU since nothing is dequantized per step).
+it, and much faster on the CPU since nothing is dequantized per step), `tq:k=4,v=3,window=64,every=16` (the real
+cache's `compress_every`: tokens leaving the window compressed 16 at a time; not in the simulation).
 
 Bytes per token per KV head (`Setting.bytes_per_token_per_head`) average over the layers: a layer of `skip` costs
 fp16 (4 * head_dim), a layer of `lb` its own codes and norms, (k * d / 8 + 2) + (v * d / 8 + 2); in every
-compressed layer the window and sink tokens cost fp16 at their share of the context.
+compressed layer the window and sink tokens (and, with `every`, on average (every - 1) / 2 tokens waiting to be
+compressed) cost fp16 at their share of the context.
 """
 
 from __future__ import annotations
@@ -398,11 +400,17 @@ class Setting:
     out_k_bits: int = 0  # tq-out: bits of the outlier key channels (default k_bits + 1)
     out_v_bits: int = 0  # tq-out: bits of the outlier value channels (default v_bits + 1)
     layer_bits: tuple[tuple[int, int, int], ...] = ()  # tq: (layer, k_bits, v_bits) of layers at their own widths
+    compress_every: int = 1  # tq on the real cache: tokens leaving the window compressed this many at a time
     label: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.compress_every != 1:
+            if isinstance(self.compress_every, bool) or not isinstance(self.compress_every, int):
+                raise ValueError(f"every= must be an int >= 1, got {self.compress_every!r}")
+            if self.compress_every < 1 or self.kind != "tq" or self.simulate:
+                raise ValueError("every= (compress_every) must be >= 1 and is only supported for tq on the real cache")
         if self.layer_bits:
             if self.kind != "tq":
                 raise ValueError(f"per-layer bits (lb=) are only supported for the tq kind, not {self.kind!r}")
@@ -452,6 +460,8 @@ class Setting:
             s += " skip" + "+".join(map(str, self.skip_layers))
         if self.layer_bits:
             s += " lb" + "+".join(f"{i}:{k}/{v}" for i, k, v in self.layer_bits)
+        if self.compress_every > 1:
+            s += f" every{self.compress_every}"
         if self.simulate and self.kind == "tq":
             s += " (sim)"
         return s
@@ -470,6 +480,8 @@ class Setting:
             opts.append("skip=" + "+".join(map(str, self.skip_layers)))
         if self.layer_bits:
             opts.append("lb=" + "+".join(f"{i}:{k}/{v}" for i, k, v in self.layer_bits))
+        if self.compress_every > 1:
+            opts.append(f"every={self.compress_every}")
         if not self.center_keys:
             opts.append("ck=0")
         if self.center_values:
@@ -518,13 +530,14 @@ class Setting:
     def bytes_per_token_per_head(self, head_dim: int, num_layers: int = 1, tokens: int | None = None) -> float:
         """Average bytes per token per KV head over `num_layers` layers and a context of `tokens`.
 
-        Exact tokens (window, sinks; KIVI's residual, on average group / 2) and protected layers cost fp16
+        Exact tokens (window, sinks; KIVI's residual, on average group / 2; tokens waiting to be compressed, on
+        average (compress_every - 1) / 2) and protected layers cost fp16
         (2 * 2 * head_dim); a layer of `layer_bits` costs its own quantized bytes (with the same exact-token
         share). Without `tokens`, the steady state (window and sinks amortized to zero)."""
         fp16 = 4.0 * head_dim
         if self.kind == "exact":
             return self.quantized_bytes(head_dim)
-        exact = self.window + self.sink + (self.group / 2 if self.kind == "kivi" else 0)
+        exact = self.window + self.sink + (self.group / 2 if self.kind == "kivi" else 0) + (self.compress_every - 1) / 2
         share = min(exact, tokens) / tokens if tokens else 0.0
         skip = set(self.skip_layers)
         total = sum(
@@ -549,7 +562,7 @@ class Setting:
                                    sinks=self.sink, skip_layers=self.skip_layers,
                                    layer_bits={i: (k, v) for i, k, v in self.layer_bits}, seed=self.seed,
                                    rotation=self.rotation, center_keys=self.center_keys,
-                                   center_values=self.center_values)  # fmt: skip
+                                   center_values=self.center_values, compress_every=self.compress_every)  # fmt: skip
         head_dim = head_dim_of(config)
         cache = DynamicCache(config=config)
         skip = set(self.skip_layers)
@@ -569,7 +582,8 @@ class Setting:
 
 def parse_setting(spec: str) -> Setting:
     """`kind[:opt=val,...]`; options k, v, bits, window, sink (or sinks), skip (a+b), lb (layer:k/v+...), ck, cv,
-    group, seed, rotation, sim, label; tq-out: n (outlier channels), ok, ov (their key / value bits)."""
+    every (compress_every), group, seed, rotation, sim, label; tq-out: n (outlier channels), ok, ov (their key /
+    value bits)."""
     kind, _, opts = spec.strip().partition(":")
     kw: dict = {}
     for item in filter(None, (o.strip() for o in opts.split(","))):
@@ -603,6 +617,8 @@ def parse_setting(spec: str) -> Setting:
             kw["simulate"] = val not in ("0", "false", "no")
         elif key == "label":
             kw["label"] = val
+        elif key in ("every", "compress_every"):
+            kw["compress_every"] = int(val)
         elif key in ("n", "outliers"):
             kw["outliers"] = int(val)
         elif key == "ok":
