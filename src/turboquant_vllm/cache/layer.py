@@ -79,13 +79,10 @@ class TurboQuantSettings:
         check_bits(self.v_bits, "v_bits")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
-        for name in ("window", "sinks"):
+        for name, low in (("window", 0), ("sinks", 0), ("compress_every", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        ce = self.compress_every
-        if isinstance(ce, bool) or not isinstance(ce, int) or ce < 1:
-            raise ValueError(f"compress_every must be an int >= 1, got {ce!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.validate is not None and self.validate not in VALIDATE_MODES:
             raise ValueError(f"validate must be one of {VALIDATE_MODES} or None, got {self.validate!r}")
 
